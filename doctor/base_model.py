@@ -1,0 +1,338 @@
+"""A description of the base model an adapter will be attached to, built without torch.
+
+The module tree comes from the base's safetensors headers when it has weights, otherwise from its
+config.json through the templates in `knowledge/architectures.json`. Either way it is mapped to
+the layout the *target* transformers version builds at runtime (VLM `language_model` paths since
+4.52, fused MoE experts since 5.0), because that is what PEFT matches adapter keys against.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from packaging.version import Version
+
+from . import pickle_scan, safetensors_header
+
+_KNOWLEDGE = Path(__file__).parent / "knowledge" / "architectures.json"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@lru_cache(maxsize=1)
+def arch_facts() -> dict:
+    with open(_KNOWLEDGE, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def family_of(model_type: str | None) -> str | None:
+    for family, types in arch_facts()["decoder_families"].items():
+        if model_type in types:
+            return family
+    return None
+
+
+@dataclass(frozen=True)
+class Module:
+    kind: str  # linear, conv1d, embedding, experts
+    in_features: int | None
+    out_features: int | None
+    params: dict[str, tuple[int, ...]] = field(default_factory=dict)  # for experts: fused 3-D parameters
+
+
+@dataclass
+class BaseModel:
+    path: Path
+    config: dict
+    modules: dict[str, Module]
+    source: str  # "weights" or "config"
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def architectures(self) -> list[str]:
+        archs = self.config.get("architectures") or []
+        return [a for a in archs if isinstance(a, str)]
+
+    @property
+    def text_config(self) -> dict:
+        text = self.config.get("text_config")
+        return text if isinstance(text, dict) else self.config
+
+    def dim(self, name: str) -> int | None:
+        for key in arch_facts()["config_dims"][name]:
+            value = self.text_config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        if name == "head_dim":
+            hidden, heads = self.dim("hidden"), self.dim("heads")
+            return hidden // heads if hidden and heads else None
+        if name == "intermediate" and family_of(self.text_config.get("model_type", self.model_type)) == "gpt2":
+            hidden = self.dim("hidden")
+            return 4 * hidden if hidden else None
+        return None
+
+    @property
+    def quantized(self) -> bool:
+        return "quantization_config" in self.config
+
+
+class BaseError(Exception):
+    """A base folder that cannot be described (no or unreadable config.json)."""
+
+
+def load_base(path: Path, transformers_version: str | None) -> BaseModel:
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BaseError(f"{path}: no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise BaseError(f"{config_path}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise BaseError(f"{config_path}: not a JSON object")
+    params = _weight_shapes(path)
+    tf = Version(transformers_version) if transformers_version else None
+    if params:
+        modules = _modules_from_params(_to_runtime_names(params, config, tf), config)
+        return BaseModel(path, config, modules, "weights")
+    return BaseModel(path, config, _modules_from_config(config, tf), "config")
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    files = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
+    for index in _INDEX_FILES:
+        try:
+            weight_map = json.loads((path / index).read_text(encoding="utf-8")).get("weight_map", {})
+            files += sorted({path / f for f in weight_map.values() if isinstance(f, str)})
+        except (OSError, ValueError, AttributeError):
+            continue
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        shapes.update(_file_shapes(f))
+    return shapes
+
+
+def _file_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    if f.suffix == ".safetensors":
+        try:
+            return {n: t.shape for n, t in safetensors_header.read_header(f).tensors.items()}
+        except (safetensors_header.HeaderError, OSError):
+            return {}
+    scan = pickle_scan.scan(f)
+    return {n: t.shape for n, t in (scan.tensors or {}).items()} if scan.passed else {}
+
+
+def _is_vlm(config: dict) -> bool:
+    return config.get("model_type") in arch_facts()["vlm"]["model_types"] or "text_config" in config and "vision_config" in config
+
+
+def _to_runtime_names(params: dict[str, tuple[int, ...]], config: dict, tf: Version | None) -> dict[str, tuple[int, ...]]:
+    out = dict(params)
+    if _is_vlm(config) and tf is not None:
+        new_layout = tf >= Version(arch_facts()["vlm"]["new_layout_since"])
+        for old, new in arch_facts()["vlm"]["renames"]:
+            src, dst = (old, new) if new_layout else (new, old)
+            out = {(dst + k[len(src):] if k.startswith(src) and not k.startswith(dst) else k): v for k, v in out.items()}
+    family = family_of(config.get("model_type")) or family_of(_text_type(config))
+    layout = arch_facts()["moe"]["layouts"].get(family or "")
+    if layout and tf is not None and tf >= Version(arch_facts()["moe"]["fused_since"]):
+        out = _fuse_experts(out, layout)
+    return out
+
+
+def _text_type(config: dict) -> str | None:
+    text = config.get("text_config")
+    return text.get("model_type") if isinstance(text, dict) else None
+
+
+def _fuse_experts(params: dict[str, tuple[int, ...]], layout: dict) -> dict[str, tuple[int, ...]]:
+    """Per-expert checkpoint weights as transformers 5 builds them: two 3-D parameters per layer."""
+    per = re.escape(layout["per_expert"]).replace(r"\{e\}", r"(\d+)")
+    pattern = re.compile(rf"^(.*?){per}({'|'.join(map(re.escape, [*layout['gate_up'], layout['down']]))})\.weight$")
+    out: dict[str, tuple[int, ...]] = {}
+    experts: dict[tuple[str, str], list[tuple[int, ...]]] = {}
+    for name, shape in params.items():
+        m = pattern.match(name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), []).append(shape)
+            continue
+        for old, new in layout["renames"]:
+            name = name.replace(old, new)
+        out[name] = shape
+    for (prefix, proj), shapes in experts.items():
+        fused = prefix + layout["fused"]
+        if proj == layout["down"]:
+            out[f"{fused}down_proj"] = (len(shapes), *shapes[0])
+        elif proj == layout["gate_up"][0]:
+            out[f"{fused}gate_up_proj"] = (len(shapes), 2 * shapes[0][0], shapes[0][1])
+    return out
+
+
+def _modules_from_params(params: dict[str, tuple[int, ...]], config: dict) -> dict[str, Module]:
+    conv1d = set(arch_facts()["conv1d_modules"].get(config.get("model_type", ""), []))
+    modules: dict[str, Module] = {}
+    for name, shape in params.items():
+        owner, _, leaf = name.rpartition(".")
+        if leaf in ("gate_up_proj", "down_proj") and len(shape) == 3:
+            prev = modules.get(owner)
+            merged = {**(prev.params if prev else {}), leaf: shape}
+            modules[owner] = Module("experts", None, None, merged)
+        elif leaf == "weight" and len(shape) == 2:
+            modules[owner] = _module_for(owner, shape, conv1d)
+    if config.get("tie_word_embeddings", True) and "lm_head" not in modules:
+        embed = next((m for n, m in modules.items() if m.kind == "embedding" and n.endswith(("embed_tokens", "wte"))), None)
+        if embed is not None and any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+            modules["lm_head"] = Module("linear", embed.out_features, embed.in_features)
+    return modules
+
+
+def _module_for(path: str, shape: tuple[int, ...], conv1d: set[str]) -> Module:
+    leaf = path.rsplit(".", 1)[-1]
+    if "embed" in leaf or leaf in ("wte", "wpe", "word_embeddings", "shared"):
+        return Module("embedding", shape[0], shape[1])  # rows, dim: in=num_embeddings, out=embedding_dim
+    if leaf in conv1d:
+        return Module("conv1d", shape[0], shape[1])
+    return Module("linear", shape[1], shape[0])
+
+
+def _modules_from_config(config: dict, tf: Version | None) -> dict[str, Module]:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    family = family_of(text.get("model_type", config.get("model_type")))
+    template = arch_facts()["templates"].get("gpt2" if family == "gpt2" else "llama") if family else None
+    if template is None:
+        return {}
+    base = BaseModel(Path("."), config, {}, "config")
+    dims = {name: base.dim(name) for name in arch_facts()["config_dims"]}
+    layers = dims.get("layers") or 0
+    params: dict[str, tuple[int, ...]] = {}
+    for path, (kind, fan_in, fan_out) in template.items():
+        if family in ("moe_mlp_experts", "mixtral") and ".mlp." in path:
+            continue
+        i_dim, o_dim = _eval(fan_in, dims), _eval(fan_out, dims)
+        if i_dim is None or o_dim is None:
+            continue
+        shape = {"embedding": (i_dim, o_dim), "conv1d": (i_dim, o_dim)}.get(kind, (o_dim, i_dim))
+        for i in range(layers) if "{i}" in path else [None]:
+            params[path.format(i=i) + ".weight"] = shape
+    if family in ("moe_mlp_experts", "mixtral"):
+        params.update(_expert_params(family, dims, layers))
+    if _is_vlm(config):  # the pre-4.52 on-disk layout; _to_runtime_names moves it where tf builds it
+        params = {"language_model." + k: v for k, v in params.items()}
+    return _modules_from_params(_to_runtime_names(params, config, tf), {**text, "tie_word_embeddings": False})
+
+
+def _expert_params(family: str, dims: dict, layers: int) -> dict[str, tuple[int, ...]]:
+    layout = arch_facts()["moe"]["layouts"][family]
+    hidden, inter, experts = dims.get("hidden"), dims.get("moe_intermediate"), dims.get("experts")
+    if not (hidden and inter and experts):
+        return {}
+    out = {}
+    for i in range(layers):
+        for e in range(experts):
+            prefix = f"model.layers.{i}." + layout["per_expert"].format(e=e)
+            for proj in layout["gate_up"]:
+                out[prefix + proj + ".weight"] = (inter, hidden)
+            out[prefix + layout["down"] + ".weight"] = (hidden, inter)
+    return out
+
+
+_OPS = {ast.Mult: operator.mul, ast.Add: operator.add, ast.FloorDiv: operator.floordiv, ast.Sub: operator.sub}
+
+
+def _eval(expr: str, dims: dict) -> int | None:
+    """Evaluate a dimension formula such as `kv_heads*head_dim` over config dimensions."""
+
+    def walk(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return dims.get(node.id)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = walk(node.left), walk(node.right)
+            return None if left is None or right is None else _OPS[type(node.op)](left, right)
+        return None
+
+    return walk(ast.parse(expr, mode="eval").body)
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def find_in_hf_cache(repo_id: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a Hub model, if it has been downloaded."""
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / (revision or "main")
+    try:
+        commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+    except OSError:
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+_WINDOWS = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
+_PLACEHOLDER = re.compile(r"[<>{}]|path/to|your[-_/]|/path/", re.I)
+
+
+@dataclass
+class BaseResolution:
+    """Where the base model was looked for, and what was found."""
+
+    name: str | None  # base_model_name_or_path as written
+    base: BaseModel | None = None
+    source: str | None = None  # "flag", "path" or "cache"
+    kind: str = "none"  # none, windows, placeholder, absolute-missing, relative-missing, hub-missing, found, unreadable
+    detail: str = ""
+
+
+def resolve_base(name: object, revision: object, flag: Path | None, adapter_root: Path,
+                 transformers_version: str | None) -> BaseResolution:
+    """Find the base: `--base`, else `base_model_name_or_path` on disk, else in the local HF cache."""
+    res = BaseResolution(name if isinstance(name, str) else None)
+    if flag is not None:
+        return _load_into(res, flag, "flag", transformers_version)
+    text = res.name.strip() if res.name else ""
+    if not text:
+        return res
+    if _WINDOWS.match(text):
+        res.kind = "windows"
+        return res
+    if _PLACEHOLDER.search(text):
+        res.kind = "placeholder"
+        return res
+    path = Path(text)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, adapter_root / path]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return _load_into(res, candidate, "path", transformers_version)
+    if path.is_absolute():
+        res.kind = "absolute-missing"
+        return res
+    cached = find_in_hf_cache(text, revision if isinstance(revision, str) else None) if text.count("/") <= 1 else None
+    if cached is not None:
+        return _load_into(res, cached, "cache", transformers_version)
+    res.kind = "relative-missing" if text.startswith((".", "/")) or text.count("/") > 1 else "hub-missing"
+    return res
+
+
+def _load_into(res: BaseResolution, path: Path, source: str, transformers_version: str | None) -> BaseResolution:
+    res.source = source
+    try:
+        res.base = load_base(path, transformers_version)
+        res.kind = "found"
+    except BaseError as exc:
+        res.kind, res.detail = "unreadable", str(exc)
+    return res

@@ -1,0 +1,198 @@
+"""config-version: will the target PEFT release read this config, and read all of it?"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..finding import Finding, Fix, Severity
+from ..knowledge import peft_table, parse_version
+from ..peft_load import UnknownKey, classify_unknown, predict
+from . import Check, Context, register, runner
+
+CAT = "config-version"
+UNKNOWN_DEFAULT = Check(
+    "ADC201", CAT, Severity.INFO, "Keys the target PEFT does not know, all at their defaults",
+    "PEFT writes every field of its config class, including defaults, so an adapter saved by a newer PEFT carries "
+    "keys an older one does not know. PEFT 0.6 to 0.13 raise `TypeError: LoraConfig.__init__() got an unexpected "
+    "keyword argument` (naming only the first); 0.14 and later drop them with a UserWarning; 0.2 and 0.3 ignore them "
+    "silently. Keys still at their default value are safe to drop.",
+    fixer="migrate-config")
+FEATURE_MISSING = Check(
+    "ADC202", CAT, Severity.ERROR, "Uses a feature the target PEFT does not have",
+    "A key the target release does not know holds a non-default value: the adapter relies on a feature (DoRA, "
+    "rsLoRA, target_parameters, trainable tokens, ...) that release lacks. Older releases raise TypeError; 0.14+ "
+    "drop the key with a warning and load a silently different or partial adapter. Dropping it by hand is wrong.",
+    manual="Load it with a PEFT release that has the feature (see the message for the minimum).")
+LEGACY = Check(
+    "ADC203", CAT, Severity.ERROR, "Legacy keys that newer PEFT releases removed",
+    "PEFT 0.1/0.2 configs carry `enable_lora` and `merge_weights`, which 0.3 removed. 0.3 to 0.13 raise TypeError "
+    "on them; 0.14+ drop them with a warning.",
+    fixer="migrate-config")
+FOREIGN_KEYS = Check(
+    "ADC204", CAT, Severity.INFO, "Keys no PEFT release defines",
+    "Another tool added keys to the config. PEFT 0.6 to 0.13 raise TypeError on them; later releases drop them "
+    "with a warning. PEFT never used them, so removing them is safe.",
+    fixer="migrate-config")
+STAMP_NEWER = Check(
+    "ADC205", CAT, Severity.WARNING, "Saved by a newer PEFT than the target",
+    "Since 0.18, PEFT stamps `peft_version` into the config. An adapter saved by a newer release may use formats "
+    "the target does not read.", manual="Upgrade PEFT to at least the stamped version.")
+ERA = Check(
+    "ADC206", CAT, Severity.INFO, "PEFT version inferred from the config's keys",
+    "Configs saved before PEFT 0.18 carry no version stamp. Because PEFT writes every field, the key set tells which "
+    "releases could have written the file; a trimmed key set (Unsloth removes defaults) tells nothing.")
+TASK_TYPE = Check(
+    "ADC207", CAT, Severity.ERROR, "task_type unknown to the target PEFT",
+    "From 0.14, PEFT rejects an unknown task_type with `ValueError: Invalid task type`; older releases accept it and "
+    "fall back to the plain PeftModel class.", manual="Set task_type to one PEFT knows (CAUSAL_LM, SEQ_CLS, ...) or null.")
+TARGET = Check(
+    "ADC208", CAT, Severity.INFO, "Which PEFT release the adapter was judged against",
+    "Version checks use the installed PEFT, or `--target-peft`. Without either they use the newest release in the "
+    "knowledge table.")
+register(UNKNOWN_DEFAULT, FEATURE_MISSING, LEGACY, FOREIGN_KEYS, STAMP_NEWER, ERA, TASK_TYPE, TARGET)
+
+FEATURES = {
+    "use_dora": "DoRA", "use_rslora": "rsLoRA scaling (alpha/sqrt(r))", "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas", "target_parameters": "LoRA on nn.Parameters (MoE experts)",
+    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+    "lora_bias": "a bias on lora_B", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing", "exclude_modules": "exclude_modules", "layers_to_transform": "layer selection",
+    "layers_pattern": "layer selection", "use_bdlora": "block-diagonal LoRA", "ensure_weight_tying": "weight tying",
+}
+# Legacy keys whose non-default value means the weights themselves have an old layout.
+LAYOUT_KEYS = {"enable_lora"}
+# These only steer initialisation; trained weights load the same without them.
+INIT_ONLY = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
+             "megatron_core", "qalora_group_size", "runtime_config"}
+
+
+@runner
+def check(ctx: Context) -> Iterator[Finding]:
+    release = ctx.target_release
+    yield from _target_note(ctx)
+    peft_type, config = ctx.peft_type, ctx.artifact.config
+    if peft_type is None or config is None:
+        return
+    unknown = classify_unknown(config, peft_type, release)
+    first_error = predict(config, None, release).error
+    yield from _unknown_findings(ctx, unknown, release.version, release.unknown_keys, first_error)
+    yield from _task_type(ctx, config, release)
+    yield from _stamp(ctx, config, peft_type, release.version)
+
+
+def _target_note(ctx: Context) -> Iterator[Finding]:
+    table, env = peft_table(), ctx.env
+    if env.peft_source == "none":
+        msg = f"PEFT is not installed here; judged against PEFT {table.newest.version}, the newest known. Use --target-peft."
+    elif parse_version(env.peft) is None:
+        msg = f"--target-peft {env.peft!r} is not a version; judged against PEFT {table.newest.version}"
+    elif parse_version(env.peft) > table.newest.parsed:
+        msg = (f"PEFT {env.peft} is newer than the knowledge table (newest {table.newest.version}); "
+               "fields added since are unknown to doctor")
+    else:
+        where = "installed" if env.peft_source == "installed" else "from --target-peft"
+        release = ctx.target_release
+        same = "" if release.version == env.peft.split("@")[0] else f", which behaves as {release.version}"
+        msg = f"judged against PEFT {env.peft} ({where}{same})"
+    yield TARGET.finding(msg, ctx.config_file())
+
+
+def _consequence(mode: str, target: str, error: str | None) -> str:
+    if mode == "raise":
+        return f"PEFT {target} raises `{error}`"
+    if mode == "warn":
+        return f"PEFT {target} drops them with a UserWarning"
+    return f"PEFT {target} ignores them silently"
+
+
+def _unknown_findings(ctx: Context, unknown: list[UnknownKey], target: str, mode: str, error: str | None) -> Iterator[Finding]:
+    raises = mode == "raise"
+    what = _consequence(mode, target, error)
+    defaults = [u for u in unknown if u.kind == "future" and u.at_default]
+    if defaults:
+        keys = ", ".join(u.key for u in defaults)
+        yield UNKNOWN_DEFAULT.finding(
+            f"{len(defaults)} key(s) unknown to PEFT {target}, all at their default value: {keys}. {what}; "
+            "dropping them is harmless.",
+            ctx.config_file(defaults[0].key), severity=Severity.ERROR if raises else Severity.INFO)
+    for u in unknown:
+        if u.kind == "future" and not u.at_default:
+            yield _feature_finding(ctx, u, target, mode, what)
+    legacy = [u for u in unknown if u.kind == "legacy"]
+    if legacy:
+        keys = ", ".join(f"{u.key}={ctx.artifact.config[u.key]!r}" for u in legacy)
+        last = legacy[0].release.version if legacy[0].release else "?"
+        merged = [u for u in legacy if u.key in LAYOUT_KEYS and not u.at_default]
+        if merged:
+            yield LEGACY.finding(
+                f"{keys}: enable_lora marks PEFT {last}'s MergedLinear layout, whose lora_B weights no later release "
+                "can load (size mismatch). Dropping the key would not help.",
+                ctx.config_file("enable_lora"), fix=Fix(None, f"Load it with PEFT {last}, or retrain"))
+        else:
+            yield LEGACY.finding(f"{keys}: last accepted by PEFT {last}. {what}.", ctx.config_file(legacy[0].key),
+                                 severity=Severity.ERROR if raises else Severity.WARNING)
+    foreign = [u for u in unknown if u.kind == "foreign"]
+    if foreign:
+        keys = ", ".join(u.key for u in foreign)
+        yield FOREIGN_KEYS.finding(f"{keys}: not a {ctx.peft_type} field in any PEFT release. {what}.",
+                                   ctx.config_file(foreign[0].key), severity=Severity.ERROR if raises else Severity.INFO)
+
+
+def _feature_finding(ctx: Context, u: UnknownKey, target: str, mode: str, what: str) -> Finding:
+    value = ctx.artifact.config[u.key]
+    since = u.release.version if u.release else "?"
+    feature = FEATURES.get(u.key, u.key)
+    if u.key in INIT_ONLY:
+        return FEATURE_MISSING.finding(
+            f"{u.key}={value!r} needs PEFT >= {since}. {what}; it only steered initialisation, so the trained "
+            "weights still load the same.",
+            ctx.config_file(u.key), severity=Severity.ERROR if mode == "raise" else Severity.INFO,
+            title=f"{u.key} is unknown to PEFT {target} (initialisation only)", fix=Fix("migrate-config", "drop the key"))
+    effect = "" if mode == "raise" else "; the adapter then loads without it and computes something else"
+    return FEATURE_MISSING.finding(
+        f"{u.key}={value!r} ({feature}) needs PEFT >= {since}. {what}{effect}.",
+        ctx.config_file(u.key), title=f"Uses {feature}, which PEFT {target} does not have",
+        fix=Fix(None, f"pip install -U 'peft>={since}'"))
+
+
+def _task_type(ctx: Context, config: dict, release) -> Iterator[Finding]:
+    task_type = config.get("task_type")
+    if task_type is None or task_type in release.task_types:
+        return
+    known = ", ".join(release.task_types)
+    if release.task_type_validated:
+        yield TASK_TYPE.finding(f"task_type {task_type!r}: PEFT {release.version} raises `ValueError: Invalid task type` "
+                                f"(it knows {known})", ctx.config_file("task_type"))
+    else:
+        yield TASK_TYPE.finding(f"task_type {task_type!r} is unknown to PEFT {release.version}, which loads it as a "
+                                "plain PeftModel; PEFT 0.14+ rejects it", ctx.config_file("task_type"),
+                                severity=Severity.WARNING)
+
+
+def _stamp(ctx: Context, config: dict, peft_type: str, target: str) -> Iterator[Finding]:
+    stamp = config.get("peft_version")
+    if isinstance(stamp, str):
+        saved = parse_version(stamp)
+        if saved is not None and saved > parse_version(target):
+            yield STAMP_NEWER.finding(f"saved by PEFT {stamp}; the target is {target}", ctx.config_file("peft_version"))
+        return
+    yield ERA.finding(_era_message(config, peft_type, ctx.artifact.model_card), ctx.config_file())
+
+
+def _era_message(config: dict, peft_type: str, card: dict | None) -> str:
+    table = peft_table()
+    keys = set(config)
+    exact, superset = [], []
+    for release in table.releases_with_peft_type(peft_type):
+        written = set(table.fields(peft_type, release)) - {"runtime_config"}
+        if keys == written:
+            exact.append(release.version)
+        elif keys < written:
+            superset.append(release.version)
+    hint = f"; its model card names PEFT {card['_peft_version']}" if card and card.get("_peft_version") else ""
+    if exact:
+        span = exact[0] if len(exact) == 1 else f"{exact[0]} to {exact[-1]}"
+        return f"no peft_version stamp; its keys are exactly those PEFT {span} writes{hint}"
+    if superset:
+        return (f"no peft_version stamp, and {len(keys)} keys where PEFT writes every field: the config was trimmed "
+                f"(Unsloth and some trainers do this), so no release can be inferred{hint}")
+    return f"no peft_version stamp, and no PEFT release writes this key set{hint}"

@@ -1,0 +1,122 @@
+"""weights-missing, weights-corrupt, weights-unsafe: is there a weights file, is it intact, is it safe to load?"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..artifact import WeightsFile
+from ..finding import Finding, Fix, Severity
+from ..tensor_data import tensor_bytes
+from . import Check, Context, register, runner
+
+NONE = Check(
+    "ADC401", "weights-missing", Severity.ERROR, "No adapter weights",
+    "PEFT looks for adapter_model.safetensors, then adapter_model.bin. Without either it tries the Hub and fails "
+    "(`OSError ... does not appear to have a file named adapter_model.safetensors`).",
+    manual="Copy the weights next to adapter_config.json.")
+LFS = Check(
+    "ADC402", "weights-missing", Severity.ERROR, "The weights file is a Git LFS pointer",
+    "The repository stored the weights in Git LFS and this clone holds only the pointer text. safetensors reports "
+    "it as `HeaderTooLarge`, which hides the real cause.", manual="Install git-lfs and run `git lfs pull`.")
+PLACEHOLDER = Check(
+    "ADC403", "weights-missing", Severity.ERROR, "The weights file is empty or a text placeholder",
+    "The file has the right name but holds no weights: it is empty, or a short text (a placeholder, an HTML error "
+    "page saved by a failed download).", manual="Download or copy the real weights.")
+CORRUPT = Check(
+    "ADC411", "weights-corrupt", Severity.ERROR, "The safetensors file is invalid",
+    "The header or the byte layout breaks the safetensors format: a truncated or interrupted download, trailing "
+    "bytes, overlapping or missing tensor data, an unknown dtype. safetensors refuses to load it.",
+    manual="Download or copy the file again and compare its size with the source.")
+BAD_PICKLE = Check(
+    "ADC412", "weights-corrupt", Severity.ERROR, "The pickled weights file is damaged",
+    "The .bin file is not a readable torch archive or pickle (truncated, or not a pickle at all).",
+    manual="Download or copy the file again.")
+DIFFER = Check(
+    "ADC413", "weights-corrupt", Severity.WARNING, "adapter_model.bin and adapter_model.safetensors differ",
+    "PEFT loads the safetensors file and ignores the .bin. When they disagree, one of them is stale, and tools that "
+    "prefer .bin load a different adapter.", manual="Delete the stale file after checking which one is current.")
+DANGEROUS = Check(
+    "ADC421", "weights-unsafe", Severity.ERROR, "The pickle would run code when loaded",
+    "Unpickling calls the functions a pickle names. This file names functions that run commands or import "
+    "arbitrary code. Never load it with torch.load(weights_only=False).", manual="Delete it; do not load it.")
+UNKNOWN_GLOBALS = Check(
+    "ADC422", "weights-unsafe", Severity.ERROR, "The pickle imports objects outside the tensor allow-list",
+    "A weights pickle needs only torch's tensor-rebuild functions and storage classes. Anything else makes "
+    "`torch.load(weights_only=True)` (PEFT's loader) refuse the file, and could run code if loaded unsafely.",
+    manual="Convert it in a sandbox you trust, or get the weights as safetensors.")
+PICKLE = Check(
+    "ADC423", "weights-unsafe", Severity.WARNING, "Weights are a pickle (.bin), not safetensors",
+    "The opcode scan passed: the file holds only tensors. Pickles still need torch to read, load slower, and cannot "
+    "be checked by safetensors tooling; transformers refuses them on torch < 2.6 (CVE-2025-32434).",
+    fixer="pickle-to-safetensors")
+register(NONE, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN_GLOBALS, PICKLE)
+
+
+@runner
+def check(ctx: Context) -> Iterator[Finding]:
+    art = ctx.artifact
+    if art.kind == "config-only" or ctx.notes.get("not_peft"):
+        return
+    if not art.weights:
+        yield NONE.finding(f"no adapter_model.safetensors or adapter_model.bin in {art.root}", str(art.root))
+        return
+    pair = {wf.path.suffix: wf for wf in art.weights}
+    for wf in art.weights:
+        # PEFT loads the safetensors twin when both exist; the .bin then matters only if unsafe or different.
+        yield from _file_findings(wf, shadowed=wf.path.suffix != ".safetensors" and ".safetensors" in pair)
+    if ".safetensors" in pair and ".bin" in pair:
+        yield from _compare(ctx, pair[".safetensors"], pair[".bin"])
+
+
+def _file_findings(wf: WeightsFile, shadowed: bool) -> Iterator[Finding]:
+    where = str(wf.path)
+    if wf.format == "lfs-pointer":
+        size = f" (the real file is {wf.lfs.size:,} bytes)" if wf.lfs and wf.lfs.size else ""
+        yield LFS.finding(f"{wf.path.name} is a {wf.size}-byte Git LFS pointer{size}", where)
+    elif wf.format in ("empty", "text"):
+        yield PLACEHOLDER.finding(f"{wf.path.name}: {wf.problem}", where)
+    elif wf.format == "safetensors" and wf.problem:
+        yield CORRUPT.finding(f"{wf.path.name} ({wf.size:,} bytes): {wf.problem}", where)
+    elif wf.pickle is not None:
+        yield from _pickle_findings(wf, where, shadowed)
+
+
+def _pickle_findings(wf: WeightsFile, where: str, shadowed: bool) -> Iterator[Finding]:
+    scan = wf.pickle
+    if scan.dangerous:
+        yield DANGEROUS.finding(f"{wf.path.name} imports {', '.join(scan.dangerous)}", where)
+    others = [g for g in scan.unsafe if g not in scan.dangerous]
+    if others:
+        yield UNKNOWN_GLOBALS.finding(f"{wf.path.name} imports {', '.join(others)}", where)
+    if scan.error:
+        yield BAD_PICKLE.finding(f"{wf.path.name} ({wf.size:,} bytes): {scan.error}", where)
+    elif scan.passed and scan.tensors is None:
+        yield BAD_PICKLE.finding(f"{wf.path.name} holds a pickled object that is not a dict of tensors", where,
+                                 title="The pickle is not a state dict")
+    elif scan.passed and not shadowed:
+        extra = f"; it also holds non-tensor entries {scan.other_entries[:3]}" if scan.other_entries else ""
+        yield PICKLE.finding(f"{wf.path.name}: {len(scan.tensors)} tensors, {scan.format} format{extra}", where)
+
+
+def _compare(ctx: Context, st: WeightsFile, pt: WeightsFile) -> Iterator[Finding]:
+    a, b = st.tensors, pt.tensors
+    if a is None or b is None:
+        return
+    where = str(pt.path)
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        yield DIFFER.finding(f"they hold different tensor names ({len(only)} differ, e.g. {only[0]})", where)
+        return
+    shapes = [n for n in a if (a[n].shape, a[n].dtype) != (b[n].shape, b[n].dtype)]
+    if shapes:
+        n = shapes[0]
+        yield DIFFER.finding(f"{n}: {a[n].dtype} {list(a[n].shape)} vs {b[n].dtype} {list(b[n].shape)}", where)
+        return
+    if ctx.scan_values:
+        data_a, data_b = tensor_bytes(st), tensor_bytes(pt)
+        changed = [n for n in a if data_a.get(n) != data_b.get(n)]
+        if changed:
+            yield DIFFER.finding(f"{len(changed)} tensor(s) hold different values, e.g. {changed[0]}", where)
+        else:
+            yield PICKLE.finding("adapter_model.bin duplicates adapter_model.safetensors exactly; it can go",
+                                 where, severity=Severity.INFO, title="A redundant .bin copy",
+                                 fix=Fix(None, "Delete adapter_model.bin"))

@@ -1,0 +1,204 @@
+"""The `doctor` command line. The only module that prints."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .finding import Severity
+
+EXIT_CODES = """\b
+Exit codes:
+  0  no errors (warnings allowed unless --strict)
+  1  findings at or above the threshold (errors; warnings too with --strict)
+  2  usage error, or a path that could not be read at all"""
+
+
+def _ids(values: tuple[str, ...]) -> frozenset[str]:
+    from .checks import all_checks
+    from .finding import CATEGORIES
+
+    names = {part.strip() for v in values for part in v.split(",") if part.strip()}
+    known = {c.id for c in all_checks()} | set(CATEGORIES)
+    unknown = sorted(names - known)
+    if unknown:
+        raise click.BadParameter(f"unknown check id or category: {', '.join(unknown)} (see `doctor list-checks`)")
+    return frozenset(names)
+
+
+def _version(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .knowledge import parse_version
+
+    if value is not None and parse_version(value) is None:
+        raise click.BadParameter(f"{value!r} is not a version number")
+    return value
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    # rich drops colour by itself when the stream is not a terminal, and honours NO_COLOR. Piped output is
+    # not wrapped, so each message stays on one line for grep and CI logs.
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = 1 << 16
+    return console
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="adapter-doctor")
+def main() -> None:
+    """Find (and fix) what breaks when a saved LoRA adapter is loaded somewhere else.
+
+    \b
+    doctor check ./my-adapter              inspect a saved adapter (no torch needed)
+    doctor check ./out --target-peft 0.13  judge it against another PEFT release
+    doctor list-checks                     every check with its id
+    doctor explain ADC501                  why a check exists and how to fix it
+    doctor env                             versions for a bug report
+    """
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Base model folder (config.json, weights optional) to check shapes and module names against.")
+@click.option("--target-peft", metavar="VERSION", callback=_version,
+              help="Judge against this PEFT release instead of the installed one (it need not be installed).")
+@click.option("--target-transformers", metavar="VERSION", callback=_version,
+              help="Judge module layouts against this transformers release instead of the installed one.")
+@click.option("--format", "fmt", type=click.Choice(["rich", "json", "sarif"]), default="rich", show_default=True)
+@click.option("--select", multiple=True, metavar="IDS", help="Only these check ids or categories (comma-separated).")
+@click.option("--ignore", multiple=True, metavar="IDS", help="Skip these check ids or categories (comma-separated).")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show info findings.")
+@click.option("--no-scan", is_flag=True, help="Skip reading tensor data (NaN/zero scans, .bin vs .safetensors).")
+def check(paths: tuple[Path, ...], base: Path | None, target_peft: str | None, target_transformers: str | None,
+          fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], strict: bool, verbose: bool, no_scan: bool) -> None:
+    """Inspect saved adapters: folders, adapter_config.json files, Trainer checkpoints.
+
+    PATHS may be adapter folders, adapter_config.json files, checkpoint-N folders, or folders holding several
+    named adapters. Nothing is imported from torch, transformers or peft.
+    """
+    from .diagnose import Options
+
+    options = Options(base, target_peft, target_transformers, _ids(select), _ids(ignore), not no_scan)
+    report, env = _run(paths, options, progress=fmt == "rich")
+    threshold = Severity.WARNING if strict else Severity.ERROR
+    if fmt == "json":
+        from .render.json_report import to_json
+
+        click.echo(json.dumps(to_json(report, env, threshold), indent=2))
+    elif fmt == "sarif":
+        from .render.sarif_report import to_sarif
+
+        click.echo(json.dumps(to_sarif(report), indent=2))
+    else:
+        from .render.rich_report import render_target, summary
+
+        console = _console()
+        for target in report.targets:
+            console.print(render_target(target, verbose))
+            console.print()
+        console.print(summary(report, verbose))
+    sys.exit(report.exit_code(threshold))
+
+
+def _run(paths: tuple[Path, ...], options, progress: bool):
+    from .diagnose import iter_reports, plan_targets, weights_bytes
+    from .env import Env
+    from .finding import Report
+    from .targets import Target
+
+    env = Env.detect(options.target_peft, options.target_transformers)
+    planned = plan_targets(paths)
+    size = sum(weights_bytes(t) for _, t in planned if isinstance(t, Target))
+    report = Report()
+    if not (progress and sys.stderr.isatty() and (size > 256 << 20 or len(planned) > 20)):
+        report.targets = list(iter_reports(planned, options, env))
+        return report, env
+    bar, task = _progress(len(planned))
+    with bar:
+        for target in iter_reports(planned, options, env):
+            report.targets.append(target)
+            bar.advance(task)
+    return report, env
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    progress = Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), console=_console(stderr=True),
+                        transient=True)
+    return progress, progress.add_task("check", total=total)
+
+
+@main.command("list-checks")
+@click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
+def list_checks(fmt: str) -> None:
+    """List every check: id, category, default severity, fixer and title."""
+    from .checks import all_checks
+
+    checks = all_checks()
+    if fmt == "json":
+        click.echo(json.dumps([{"id": c.id, "category": c.category, "severity": c.severity.value, "title": c.title,
+                                "fixer": c.fixer} for c in checks], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("id", "category", "severity", "fixer", "title", box=None, pad_edge=False)
+    for c in checks:
+        table.add_row(c.id, c.category, c.severity.value, c.fixer or "-", c.title)
+    _console().print(table)
+
+
+@main.command()
+@click.argument("check_id")
+def explain(check_id: str) -> None:
+    """Explain one check: what it detects, why it matters, and how to fix it."""
+    from .checks import all_checks
+
+    found = {c.id: c for c in all_checks()}.get(check_id.upper())
+    if found is None:
+        raise click.BadParameter(f"no check {check_id!r} (see `doctor list-checks`)", param_hint="CHECK_ID")
+    click.echo(f"{found.id}  {found.title}\ncategory: {found.category}   default severity: {found.severity.value}\n")
+    click.echo(found.explain)
+    if found.fixer:
+        click.echo(f"\nfix: doctor fix PATH --only {found.id}   (fixer: {found.fixer})")
+    elif found.manual:
+        click.echo(f"\nfix: {found.manual}")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
+def env(fmt: str) -> None:
+    """Print installed versions, known-bad combinations and shadowed libraries, for bug reports."""
+    from .env_report import collect
+
+    info = collect(Path.cwd())
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo("Copy-and-paste the text below into your bug report.\n")
+        for key, value in {**info["versions"], **info["platform"]}.items():
+            click.echo(f"- {key}: {value or 'not installed'}")
+        for problem in info["problems"]:
+            click.echo(f"! {problem}")
+    sys.exit(1 if info["problems"] else 0)
+
+
+def run() -> None:
+    """Console entry point: a crash prints one line, not a traceback (DOCTOR_DEBUG=1 shows it)."""
+    try:
+        main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("DOCTOR_DEBUG"):
+            raise
+        click.echo(f"doctor: internal error: {type(exc).__name__}: {exc} (set DOCTOR_DEBUG=1 for details)", err=True)
+        sys.exit(2)

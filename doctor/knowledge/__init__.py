@@ -1,0 +1,121 @@
+"""Facts about PEFT releases, read from the committed table `peft_releases.json`.
+
+`regenerate.py` builds that table by parsing every published PEFT wheel. Checks ask questions of
+it (which fields does release X accept for LORA, what does X do with an unknown key); no check
+hard-codes a version number.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+_HERE = Path(__file__).parent
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    default: object  # MISSING when the field has no default
+    annotation: str
+    init: bool
+
+    @property
+    def default_is_literal(self) -> bool:
+        return self.default is not MISSING and not (isinstance(self.default, dict) and "$expr" in self.default)
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    date: str
+    unknown_keys: str  # "ignore", "raise" or "warn"
+    task_type_validated: bool
+    peft_type_required: str | None
+    peft_types: tuple[str, ...]
+    task_types: tuple[str, ...]
+
+    @property
+    def parsed(self) -> Version:
+        return Version(self.version)
+
+
+class PeftTable:
+    def __init__(self, data: dict) -> None:
+        # 0.0.x releases had no from_pretrained (unknown_keys is null): nothing saved can target them.
+        self.releases = [
+            Release(r["version"], r.get("date", ""), r["unknown_keys"], bool(r.get("task_type_validated")),
+                    r.get("peft_type_required"), tuple(r.get("peft_types", ())), tuple(r.get("task_types", ())))
+            for r in data["releases"] if r.get("unknown_keys")
+        ]
+        self.releases.sort(key=lambda r: r.parsed)
+        self.configs: dict[str, dict] = data["configs"]
+
+    @property
+    def newest(self) -> Release:
+        return self.releases[-1]
+
+    def resolve(self, version: str) -> Release:
+        """The release a version behaves like: itself, or the newest known release not after it."""
+        wanted = parse_version(version)
+        if wanted is None:
+            raise ValueError(f"not a PEFT version: {version!r}")
+        older = [r for r in self.releases if r.parsed <= wanted]
+        return older[-1] if older else self.releases[0]
+
+    def is_known(self, version: str) -> bool:
+        v = parse_version(version)
+        return v is not None and any(r.parsed == v for r in self.releases)
+
+    def config_class(self, peft_type: str) -> str | None:
+        entry = self.configs.get(peft_type)
+        return entry["class"] if entry else None
+
+    def fields(self, peft_type: str, release: Release) -> dict[str, FieldSpec]:
+        """Every field the release's config class for `peft_type` declares."""
+        entry = self.configs.get(peft_type)
+        if entry is None:
+            return {}
+        out = {}
+        for name, spans in entry["fields"].items():
+            span = self._span_at(spans, release)
+            if span is not None:
+                out[name] = FieldSpec(name, span.get("default", MISSING), span.get("annotation", ""), span.get("init", True))
+        return out
+
+    @staticmethod
+    def _span_at(spans: list[dict], release: Release) -> dict | None:
+        v = release.parsed
+        return next((s for s in spans if Version(s["from"]) <= v <= Version(s["to"])), None)
+
+    def first_release_with(self, peft_type: str, field: str) -> Release | None:
+        spans = self.configs.get(peft_type, {}).get("fields", {}).get(field)
+        return next((r for r in self.releases if self._span_at(spans, r)), None) if spans else None
+
+    def last_release_with(self, peft_type: str, field: str) -> Release | None:
+        spans = self.configs.get(peft_type, {}).get("fields", {}).get(field)
+        return next((r for r in reversed(self.releases) if self._span_at(spans, r)), None) if spans else None
+
+    def releases_with_peft_type(self, peft_type: str) -> list[Release]:
+        return [r for r in self.releases if peft_type in r.peft_types]
+
+    def all_peft_types(self) -> set[str]:
+        return {t for r in self.releases for t in r.peft_types}
+
+
+def parse_version(text: str) -> Version | None:
+    # PEFT stamps dev installs as "<version>@<commit>" (or "@UNKNOWN").
+    try:
+        return Version(text.split("@", 1)[0].strip())
+    except (InvalidVersion, AttributeError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def peft_table() -> PeftTable:
+    with open(_HERE / "peft_releases.json", encoding="utf-8") as fh:
+        return PeftTable(json.load(fh))

@@ -1,0 +1,1 @@
+"""Repairs for saved adapters, planned before they are applied (`doctor fix`)."""

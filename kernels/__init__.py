@@ -1,0 +1,1 @@
+"""Fused kernels for the runtime, each with a PyTorch reference beside it."""

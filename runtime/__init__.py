@@ -1,0 +1,1 @@
+"""The patched LoRA training runtime: per-instance patches for Hugging Face causal LMs."""
