@@ -85,6 +85,14 @@ def _canonical(body: str) -> str:
     return BASE_PREFIX + body
 
 
+def parameter_selected(module: str, target_parameters: object) -> bool:
+    """PEFT's target_parameters match, at module level: `<module>.<param>` ends with an entry."""
+    if not isinstance(target_parameters, list):
+        return False
+    owners = {t.rsplit(".", 1)[0] for t in target_parameters if isinstance(t, str) and "." in t}
+    return any(module == o or module.endswith("." + o) for o in owners)
+
+
 def module_selected(module: str, targets: object) -> bool | None:
     """PEFT's target_modules match: exact or `.name` suffix for a list; `re.fullmatch` for a string.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from . import pickle_scan, safetensors_header
@@ -58,7 +59,7 @@ class WeightsFile:
     problem_code: str | None = None
     text_head: str | None = None  # the start of a text file standing where weights should be
 
-    @property
+    @cached_property
     def tensors(self) -> dict[str, Tensor] | None:
         if self.header is not None:
             return {n: Tensor(n, t.dtype, t.shape) for n, t in self.header.tensors.items()}

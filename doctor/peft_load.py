@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .artifact import ConfigProblem
-from .knowledge import MISSING, FieldSpec, PeftTable, Release, peft_table
+from .knowledge import MISSING, FieldSpec, PeftTable, Release, config_fields, peft_table
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def classify_unknown(config: dict, peft_type: str, release: Release, table: Peft
             continue
         kind, ref = ("future", first) if first.parsed > release.parsed else ("legacy", last)
         spec = table.fields(peft_type, ref).get(key)
-        out.append(UnknownKey(key, kind, spec is not None and same_value(value, spec.default), ref))
+        # A version stamp changes nothing when dropped, whatever its value.
+        harmless = key in config_fields()["metadata"] or spec is not None and same_value(value, spec.default)
+        out.append(UnknownKey(key, kind, harmless, ref))
     return out
 
 

@@ -9,9 +9,7 @@ shapes, storage locations) that the key, shape and value checks need.
 from __future__ import annotations
 
 import io
-import pickletools
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +127,8 @@ class _Machine:
         self.memo: dict[int, object] = {}
 
     def run(self, stream: io.BufferedIOBase) -> object:
+        import pickletools  # imported here: checking safetensors-only adapters should not pay for it
+
         ops = 0
         for op, arg, _pos in pickletools.genops(stream):
             ops += 1
@@ -318,6 +318,8 @@ def scan(path: Path) -> PickleScan:
 
 
 def _scan_zip(path: Path) -> PickleScan:
+    import zipfile
+
     result = PickleScan("zip")
     try:
         with zipfile.ZipFile(path) as zf:

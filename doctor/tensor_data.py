@@ -6,7 +6,6 @@ That works the same for bf16, fp16, fp32 and fp64 viewed as unsigned integers.
 """
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -63,6 +62,8 @@ def _pickle_regions(wf: WeightsFile) -> Iterator[tuple[str, str, memoryview]]:
     scan = wf.pickle
     assert scan is not None and scan.tensors is not None
     if scan.format == "zip":
+        import zipfile
+
         with zipfile.ZipFile(wf.path) as zf:
             for name, t in scan.tensors.items():
                 data = zf.read(f"{scan.archive_prefix}data/{t.storage.key}")

@@ -31,6 +31,12 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int], bytes]], metadata
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
+@pytest.fixture(autouse=True)
+def _repository_root(monkeypatch):
+    # Fixture configs name their bases relative to the repository root, as users run doctor from there.
+    monkeypatch.chdir(ROOT)
+
+
 @pytest.fixture
 def write_safetensors(tmp_path: Path):
     def write(name: str = "adapter_model.safetensors", **kwargs) -> Path:
@@ -39,3 +45,26 @@ def write_safetensors(tmp_path: Path):
         return path
 
     return write
+
+
+def check(*paths: Path | str, **options) -> list:
+    """Findings for `paths` from the library API, as doctor check computes them."""
+    from adapter_doctor import Options, diagnose
+
+    report = diagnose([str(p) for p in paths], Options(**options))
+    assert not [t.error for t in report.targets if t.error], report.targets
+    assert "ADC000" not in {f.id for f in report.findings}, report.findings
+    return report.findings
+
+
+def ids(*paths: Path | str, **options) -> set[str]:
+    """Check ids at warning or error severity (info findings are context, not problems)."""
+    return {f.id for f in check(*paths, **options) if f.severity.value != "info"}
+
+
+def broken(name: str) -> Path:
+    return FIXTURES / "broken" / name
+
+
+def healthy(name: str) -> Path:
+    return FIXTURES / "healthy" / name

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..finding import Finding, Fix, Severity
-from ..knowledge import peft_table, parse_version
+from ..knowledge import config_fields, peft_table, parse_version
 from ..peft_load import UnknownKey, classify_unknown, predict
 from . import Check, Context, register, runner
 
@@ -49,21 +49,6 @@ TARGET = Check(
     "Version checks use the installed PEFT, or `--target-peft`. Without either they use the newest release in the "
     "knowledge table.")
 register(UNKNOWN_DEFAULT, FEATURE_MISSING, LEGACY, FOREIGN_KEYS, STAMP_NEWER, ERA, TASK_TYPE, TARGET)
-
-FEATURES = {
-    "use_dora": "DoRA", "use_rslora": "rsLoRA scaling (alpha/sqrt(r))", "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas", "target_parameters": "LoRA on nn.Parameters (MoE experts)",
-    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
-    "lora_bias": "a bias on lora_B", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "arrow_config": "Arrow routing", "exclude_modules": "exclude_modules", "layers_to_transform": "layer selection",
-    "layers_pattern": "layer selection", "use_bdlora": "block-diagonal LoRA", "ensure_weight_tying": "weight tying",
-}
-# Legacy keys whose non-default value means the weights themselves have an old layout.
-LAYOUT_KEYS = {"enable_lora"}
-# These only steer initialisation; trained weights load the same without them.
-INIT_ONLY = {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config",
-             "megatron_core", "qalora_group_size", "runtime_config"}
-
 
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
@@ -121,12 +106,11 @@ def _unknown_findings(ctx: Context, unknown: list[UnknownKey], target: str, mode
     if legacy:
         keys = ", ".join(f"{u.key}={ctx.artifact.config[u.key]!r}" for u in legacy)
         last = legacy[0].release.version if legacy[0].release else "?"
-        merged = [u for u in legacy if u.key in LAYOUT_KEYS and not u.at_default]
-        if merged:
-            yield LEGACY.finding(
-                f"{keys}: enable_lora marks PEFT {last}'s MergedLinear layout, whose lora_B weights no later release "
-                "can load (size mismatch). Dropping the key would not help.",
-                ctx.config_file("enable_lora"), fix=Fix(None, f"Load it with PEFT {last}, or retrain"))
+        layout = config_fields()["layout"]
+        marked = [u for u in legacy if u.key in layout and not u.at_default]
+        if marked:
+            yield LEGACY.finding(f"{keys}: {marked[0].key} marks {layout[marked[0].key]}. Dropping the key would not help.",
+                                 ctx.config_file(marked[0].key), fix=Fix(None, f"Load it with PEFT {last}, or retrain"))
         else:
             yield LEGACY.finding(f"{keys}: last accepted by PEFT {last}. {what}.", ctx.config_file(legacy[0].key),
                                  severity=Severity.ERROR if raises else Severity.WARNING)
@@ -140,8 +124,8 @@ def _unknown_findings(ctx: Context, unknown: list[UnknownKey], target: str, mode
 def _feature_finding(ctx: Context, u: UnknownKey, target: str, mode: str, what: str) -> Finding:
     value = ctx.artifact.config[u.key]
     since = u.release.version if u.release else "?"
-    feature = FEATURES.get(u.key, u.key)
-    if u.key in INIT_ONLY:
+    feature = config_fields()["features"].get(u.key, u.key)
+    if u.key in config_fields()["init_only"]:
         return FEATURE_MISSING.finding(
             f"{u.key}={value!r} needs PEFT >= {since}. {what}; it only steered initialisation, so the trained "
             "weights still load the same.",

@@ -5,6 +5,7 @@ from typing import Iterator
 
 from ..adapter_keys import AdapterKey, parse_key
 from ..finding import Finding, Severity
+from ..knowledge import has_behaviour
 from . import Check, Context, register, runner
 
 CAT = "keys-prefix"
@@ -47,8 +48,14 @@ def check(ctx: Context) -> Iterator[Finding]:
     named = [k for k in keys if k.adapter_name]
     if named:
         names = sorted({k.adapter_name for k in named})
-        yield ADAPTER_NAME.finding(f"{len(named)} tensor names contain the adapter name {', '.join(map(repr, names))}, "
-                                   f"e.g. {_sample(named)}", f"{where}#{named[0].name}")
+        message = f"{len(named)} tensor names contain the adapter name {', '.join(map(repr, names))}, e.g. {_sample(named)}"
+        release = ctx.target_release
+        if has_behaviour("adapter_name_in_keys", release):
+            yield ADAPTER_NAME.finding(f"{message}. PEFT {release.version} loads them only when the adapter is loaded "
+                                       f"under that name; older releases load nothing.", f"{where}#{named[0].name}",
+                                       severity=Severity.WARNING)
+        else:
+            yield ADAPTER_NAME.finding(f"{message}. PEFT {release.version} matches none of them.", f"{where}#{named[0].name}")
     if ctx.peft_type in PROMPT_TYPES:
         return
     bare = [k for k in keys if not k.has_base_prefix and k.role != "prompt"]

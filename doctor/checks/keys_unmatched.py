@@ -5,11 +5,10 @@ import re
 from collections import defaultdict
 from typing import Iterator
 
-from packaging.version import Version
-
-from ..adapter_keys import AdapterKey, module_selected, parse_key
+from ..adapter_keys import AdapterKey, module_selected, parameter_selected, parse_key
 from ..base_model import BaseModel, arch_facts, family_of
 from ..finding import Finding, Severity
+from ..knowledge import behaviour, has_behaviour
 from . import Check, Context, register, runner
 
 CAT = "keys-unmatched"
@@ -107,9 +106,8 @@ def _selected(k: AdapterKey, config: dict) -> bool | None:
             return True  # PEFT saves resized or targeted embeddings in full
         if k.param == "bias" and config.get("bias") in ("all", "lora_only"):
             return True
-    targets = config.get("target_parameters") if k.nested and k.role != "full" else None
-    if targets:
-        return any(isinstance(t, str) and (k.module + ".").endswith("." + t.rsplit(".", 1)[0] + ".") for t in targets)
+    if k.role != "full" and parameter_selected(k.module, config.get("target_parameters")):
+        return True
     hit = module_selected(k.module, config.get("target_modules"))
     return hit if hit is None else hit and _layer_ok(k.module, config)
 
@@ -137,33 +135,29 @@ def _targets_without_weights(ctx: Context, config: dict, keys: list[AdapterKey])
 
 def _against_base(ctx: Context, config: dict, keys: list[AdapterKey], where: str, base: BaseModel) -> Iterator[Finding]:
     modules = base.modules
-    targets = config.get("target_modules")
-    if isinstance(targets, (list, str)) and targets != "all-linear":
-        matched = [m for m, mod in modules.items() if mod.kind != "experts" and module_selected(m, targets)]
-        if not matched and not config.get("target_parameters"):
-            yield TARGET_NOT_IN_BASE.finding(
-                f"no module of the base at {base.path} matches target_modules={targets!r}: PEFT raises "
-                "`ValueError: Target modules ... not found in the base model`", ctx.config_file("target_modules"))
-        elif matched:
-            trained = {k.module for k in keys if k.role.startswith("lora_")}
-            untrained = [m for m in matched if m not in trained and _layer_ok(m, config)]
-            if untrained and trained:
-                yield NO_WEIGHTS.finding(
-                    f"{len(untrained)} of {len(matched)} base modules selected by target_modules have no weights in the "
-                    f"file, e.g. {untrained[0]}; they load with lora_B = 0", ctx.config_file("target_modules"))
-    yield from _missing_modules(ctx, keys, where, base)
-
-
-def _missing_modules(ctx: Context, keys: list[AdapterKey], where: str, base: BaseModel) -> Iterator[Finding]:
     adapter_modules = sorted({k.module for k in keys if k.role.startswith("lora_") or (k.role == "full" and k.param)})
-    missing = [m for m in adapter_modules if m not in base.modules]
-    if not missing:
+    missing = [m for m in adapter_modules if m not in modules]
+    if missing:
+        cause, severity = _drift(missing[0], base, ctx)
+        share = "all" if len(missing) == len(adapter_modules) else f"{len(missing)} of {len(adapter_modules)}"
+        yield KEYS_NOT_IN_BASE.finding(
+            f"{share} adapter modules are not in the base at {base.path}, e.g. {missing[0]}. {cause}",
+            f"{where}#{missing[0]}", severity=severity)
+    targets = config.get("target_modules")
+    if not isinstance(targets, (list, str)) or targets == "all-linear":
         return
-    cause, severity = _drift(missing[0], base, ctx)
-    share = "all" if len(missing) == len(adapter_modules) else f"{len(missing)} of {len(adapter_modules)}"
-    yield KEYS_NOT_IN_BASE.finding(
-        f"{share} adapter modules are not in the base at {base.path}, e.g. {missing[0]}. {cause}",
-        f"{where}#{missing[0]}", severity=severity)
+    matched = [m for m, mod in modules.items() if mod.kind != "experts" and module_selected(m, targets)]
+    if not matched and not config.get("target_parameters"):
+        yield TARGET_NOT_IN_BASE.finding(
+            f"no module of the base at {base.path} matches target_modules={targets!r}: PEFT raises "
+            "`ValueError: Target modules ... not found in the base model`", ctx.config_file("target_modules"))
+        return
+    trained = {k.module for k in keys if k.role.startswith("lora_")}
+    untrained = [m for m in matched if m not in trained and _layer_ok(m, config)]
+    if untrained and trained and not missing:  # with path drift, the finding above already explains the gap
+        yield NO_WEIGHTS.finding(
+            f"{len(untrained)} of {len(matched)} base modules selected by target_modules have no weights in the file, "
+            f"e.g. {untrained[0]}; they load with lora_B = 0", ctx.config_file("target_modules"))
 
 
 def _drift(module: str, base: BaseModel, ctx: Context) -> tuple[str, Severity]:
@@ -171,26 +165,34 @@ def _drift(module: str, base: BaseModel, ctx: Context) -> tuple[str, Severity]:
     for old, new in facts["vlm"]["renames"]:
         for src, dst in ((old, new), (new, old)):
             if module.startswith(src) and dst + module[len(src):] in base.modules:
-                return (f"It exists as {dst + module[len(src):]}: the VLM layout changed in transformers "
-                        f"{facts['vlm']['new_layout_since']} (saved as `{src}`, built as `{dst}`).", Severity.ERROR)
-    family = family_of(base.model_type)
-    layout = facts["moe"]["layouts"].get(family or "")
+                return _vlm_drift(src, dst, dst + module[len(src):], ctx)
+    layout = facts["moe"]["layouts"].get(family_of(base.model_type) or "")
     if layout:
         per_expert = re.escape(layout["per_expert"]).replace(r"\{e\}", r"\d+")
         if re.search(per_expert, module + "."):
             fused = re.sub(per_expert + r".*$", layout["fused"], module + ".").rstrip(".")
             if fused in base.modules:
                 return _moe_drift(base, ctx)
-        if module.endswith(layout["fused"].rstrip(".")) and base.modules.get(module) is None:
+        if module.endswith(layout["fused"].rstrip(".")):
             return ("The adapter targets fused MoE experts (transformers 5 layout), but the base has per-expert "
                     "modules (transformers 4).", Severity.ERROR)
     return "PEFT loads these weights nowhere.", Severity.ERROR
 
 
-def _moe_drift(base: BaseModel, ctx: Context) -> tuple[str, Severity]:
-    convert = arch_facts()["moe"].get("peft_converts", {})
+def _vlm_drift(src: str, dst: str, runtime: str, ctx: Context) -> tuple[str, Severity]:
     release = ctx.target_release
-    if base.model_type in convert.get("model_types", []) and release.parsed >= Version(convert["since"]):
+    since = arch_facts()["vlm"]["new_layout_since"]
+    what = f"It exists as {runtime}: transformers {since} moved VLM decoders (saved as `{src}`, built as `{dst}`)."
+    if src.startswith("language_model.") and has_behaviour("vlm_key_mapping", release):
+        return (f"{what} PEFT {release.version}'s PeftModel.from_pretrained remaps these keys; other loaders "
+                "(load_adapter on older PEFT, vLLM, custom code) do not.", Severity.INFO)
+    return f"{what} PEFT {release.version} does not remap them, so the adapter is a no-op.", Severity.ERROR
+
+
+def _moe_drift(base: BaseModel, ctx: Context) -> tuple[str, Severity]:
+    release = ctx.target_release
+    conversion = behaviour("moe_per_expert_conversion")
+    if base.model_type in conversion["model_types"] and has_behaviour("moe_per_expert_conversion", release):
         return (f"This is the transformers 4 per-expert layout; transformers 5 fuses experts, and PEFT {release.version} "
                 "converts this family on load.", Severity.INFO)
     return ("This is the transformers 4 per-expert MoE layout; transformers 5 fuses experts into 3-D parameters and "

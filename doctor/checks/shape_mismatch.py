@@ -5,7 +5,7 @@ import re
 from collections import defaultdict
 from typing import Iterator
 
-from ..adapter_keys import AdapterKey, parse_key
+from ..adapter_keys import AdapterKey, parameter_selected, parse_key
 from ..artifact import Tensor
 from ..base_model import BaseModel, Module
 from ..finding import Finding, Severity
@@ -76,7 +76,8 @@ def _ranks(config: dict, by_module: dict, where: str) -> Iterator[Finding]:
             inner.append((module, rank_a, rank_b))
             continue
         want = expected_rank(module, config)
-        experts = a[0].nested and want and rank_a % want == 0  # target_parameters stacks E experts: [E*r, in]
+        # target_parameters stacks the experts' ranks: [E*r, in]
+        experts = want and rank_a % want == 0 and parameter_selected(module, config.get("target_parameters"))
         if want is not None and rank_a != want and not experts and not config.get("use_bdlora"):
             wrong.append((module, rank_a, want))
     if wrong:

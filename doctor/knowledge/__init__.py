@@ -119,3 +119,25 @@ def parse_version(text: str) -> Version | None:
 def peft_table() -> PeftTable:
     with open(_HERE / "peft_releases.json", encoding="utf-8") as fh:
         return PeftTable(json.load(fh))
+
+
+@lru_cache(maxsize=1)
+def _behaviours() -> dict:
+    with open(_HERE / "peft_behaviours.json", encoding="utf-8") as fh:
+        return json.load(fh)["behaviours"]
+
+
+def behaviour(name: str) -> dict:
+    """A PEFT loading behaviour and the release that introduced it (`since`)."""
+    return _behaviours()[name]
+
+
+def has_behaviour(name: str, release: Release) -> bool:
+    return release.parsed >= Version(behaviour(name)["since"])
+
+
+@lru_cache(maxsize=1)
+def config_fields() -> dict:
+    """What dropping each config key costs: a feature, initialisation only, metadata, or an old weight layout."""
+    with open(_HERE / "config_fields.json", encoding="utf-8") as fh:
+        return json.load(fh)
