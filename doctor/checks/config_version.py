@@ -25,7 +25,7 @@ FEATURE_MISSING = Check(
 LEGACY = Check(
     "ADC203", CAT, Severity.ERROR, "Legacy keys that newer PEFT releases removed",
     "PEFT 0.1/0.2 configs carry `enable_lora` and `merge_weights`, which 0.3 removed. 0.3 to 0.13 raise TypeError "
-    "on them; 0.14+ drop them with a warning.",
+    "on them; 0.14+ drop them with a warning, which is harmless unless enable_lora holds a list.",
     fixer="migrate-config")
 FOREIGN_KEYS = Check(
     "ADC204", CAT, Severity.INFO, "Keys no PEFT release defines",
@@ -113,7 +113,7 @@ def _unknown_findings(ctx: Context, unknown: list[UnknownKey], target: str, mode
                                  ctx.config_file(marked[0].key), fix=Fix(None, f"Load it with PEFT {last}, or retrain"))
         else:
             yield LEGACY.finding(f"{keys}: last accepted by PEFT {last}. {what}.", ctx.config_file(legacy[0].key),
-                                 severity=Severity.ERROR if raises else Severity.WARNING)
+                                 severity=Severity.ERROR if raises else Severity.INFO)
     foreign = [u for u in unknown if u.kind == "foreign"]
     if foreign:
         keys = ", ".join(u.key for u in foreign)

@@ -15,6 +15,7 @@ from packaging.version import InvalidVersion, Version
 
 _HERE = Path(__file__).parent
 MISSING = object()
+_version = lru_cache(maxsize=None)(Version)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Release:
 
     @property
     def parsed(self) -> Version:
-        return Version(self.version)
+        return _version(self.version)
 
 
 class PeftTable:
@@ -54,6 +55,7 @@ class PeftTable:
         ]
         self.releases.sort(key=lambda r: r.parsed)
         self.configs: dict[str, dict] = data["configs"]
+        self._fields: dict[tuple[str, str], dict[str, FieldSpec]] = {}
 
     @property
     def newest(self) -> Release:
@@ -77,20 +79,21 @@ class PeftTable:
 
     def fields(self, peft_type: str, release: Release) -> dict[str, FieldSpec]:
         """Every field the release's config class for `peft_type` declares."""
-        entry = self.configs.get(peft_type)
-        if entry is None:
-            return {}
-        out = {}
-        for name, spans in entry["fields"].items():
-            span = self._span_at(spans, release)
-            if span is not None:
-                out[name] = FieldSpec(name, span.get("default", MISSING), span.get("annotation", ""), span.get("init", True))
-        return out
+        key = (peft_type, release.version)
+        if key not in self._fields:
+            entry = self.configs.get(peft_type, {"fields": {}})
+            out = {}
+            for name, spans in entry["fields"].items():
+                span = self._span_at(spans, release)
+                if span is not None:
+                    out[name] = FieldSpec(name, span.get("default", MISSING), span.get("annotation", ""), span.get("init", True))
+            self._fields[key] = out
+        return self._fields[key]
 
     @staticmethod
     def _span_at(spans: list[dict], release: Release) -> dict | None:
         v = release.parsed
-        return next((s for s in spans if Version(s["from"]) <= v <= Version(s["to"])), None)
+        return next((s for s in spans if _version(s["from"]) <= v <= _version(s["to"])), None)
 
     def first_release_with(self, peft_type: str, field: str) -> Release | None:
         spans = self.configs.get(peft_type, {}).get("fields", {}).get(field)
@@ -122,14 +125,15 @@ def peft_table() -> PeftTable:
 
 
 @lru_cache(maxsize=1)
-def _behaviours() -> dict:
+def behaviours() -> dict:
+    """PEFT loading behaviours by release, and version requirements between libraries."""
     with open(_HERE / "peft_behaviours.json", encoding="utf-8") as fh:
-        return json.load(fh)["behaviours"]
+        return json.load(fh)
 
 
 def behaviour(name: str) -> dict:
     """A PEFT loading behaviour and the release that introduced it (`since`)."""
-    return _behaviours()[name]
+    return behaviours()["behaviours"][name]
 
 
 def has_behaviour(name: str, release: Release) -> bool:

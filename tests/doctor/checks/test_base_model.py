@@ -66,3 +66,14 @@ def test_empty_base_name(tmp_path):
     config["base_model_name_or_path"] = None
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert "ADC307" in {f.id for f in check(adapter)}
+
+
+@pytest.mark.parametrize("fixture, expected", [("base-none", "ADC307"), ("base-arch-recorded", "ADC306")])
+def test_recorded_base_problems(fixture, expected):
+    assert expected in {f.id for f in check(broken(fixture))}
+
+
+def test_unreadable_base_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (finding,) = [f for f in check(healthy("llama-lora"), base=tmp_path) if f.id == "ADC308"]
+    assert "config.json" in finding.message

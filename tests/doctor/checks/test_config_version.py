@@ -53,7 +53,7 @@ def test_qalora_unknown_to_older_release_in_the_warning_era():
 def test_legacy_keys():
     found = _by_id(check(broken("config-legacy-keys"), target_peft="0.10.0"))
     assert found["ADC203"][0].severity is Severity.ERROR and "last accepted by PEFT 0.2.0" in found["ADC203"][0].message
-    assert _by_id(check(broken("config-legacy-keys")))["ADC203"][0].severity is Severity.WARNING
+    assert _by_id(check(broken("config-legacy-keys")))["ADC203"][0].severity is Severity.INFO
 
 
 def test_enable_lora_with_a_value_is_not_fixable_by_dropping(tmp_path):
@@ -90,3 +90,8 @@ def test_task_type_validated_only_from_0_14(target, severity):
 def test_target_note_says_where_the_version_came_from():
     (note,) = _by_id(check(healthy("llama-lora"), target_peft="0.13"))["ADC208"]
     assert "0.13 (from --target-peft, which behaves as 0.13.0)" in note.message
+
+
+def test_future_stamp():
+    (finding,) = _by_id(check(broken("config-stamp-future")))["ADC205"]
+    assert "saved by PEFT 0.99.0" in finding.message

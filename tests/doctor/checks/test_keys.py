@@ -61,3 +61,9 @@ def test_targets_that_match_nothing_in_the_base(tmp_path):
     config["target_modules"] = r"model\.decoder\.layers\.\d+\.attn\.(q|v)"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert "ADC513" in ids(adapter)
+
+
+def test_fixture_targets_not_in_base_and_targeted_without_weights():
+    assert "ADC513" in ids(broken("keys-targets-not-in-base"))
+    (finding,) = [f for f in check(broken("keys-targeted-without-weights")) if f.id == "ADC515"]
+    assert finding.severity is Severity.WARNING and "k_proj" in finding.message

@@ -35,3 +35,12 @@ def test_complete_checkpoint_is_resumable():
 
     (finding,) = [f for f in check(healthy("checkpoint-llama")) if f.id == "ADC802"]
     assert "global step 2" in finding.message
+
+
+def test_inner_rank_disagreement():
+    (finding,) = [f for f in check(broken("shape-inner-rank")) if f.id == "ADC604"]
+    assert "lora_A has 4 rows, lora_B has 2 columns" in finding.message
+
+
+def test_unreadable_trainer_state():
+    assert "ADC803" in ids(broken("checkpoint-bad-trainer-state"))
