@@ -1,6 +1,7 @@
 """What is on disk for one adapter, read without torch: config, weight index, files, model card."""
 from __future__ import annotations
 
+import math
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,10 +42,7 @@ class Tensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

@@ -8,6 +8,7 @@ shapes, storage locations) that the key, shape and value checks need.
 """
 from __future__ import annotations
 
+import math
 import io
 import struct
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ _DANGEROUS_NAMES = {
     "operator.methodcaller", "functools.partial", "torch.serialization.load", "torch.load",
 }
 _MAX_OPS = 5_000_000  # state-dict pickles have a few ops per tensor; this only stops runaway input
+_MAX_PICKLE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,7 @@ class PickledTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def contiguous(self) -> bool:
@@ -328,6 +327,9 @@ def _scan_zip(path: Path) -> PickleScan:
                 result.error = f"zip archive holds {len(pkls)} data.pkl entries (a torch archive has one)"
                 return result
             result.archive_prefix = pkls[0][: -len("data.pkl")]
+            if zf.getinfo(pkls[0]).file_size > _MAX_PICKLE:
+                result.error = f"data.pkl unpacks to {zf.getinfo(pkls[0]).file_size:,} bytes (a state dict's is small)"
+                return result
             payload = zf.read(pkls[0])
     except (zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError, EOFError) as exc:
         # A torch archive cut short loses its central directory, which sits at the end.
@@ -362,10 +364,30 @@ def _scan_stream(path: Path) -> PickleScan:
     return result
 
 
+class _Bounded:
+    """A reader that never asks for more than the stream holds: a pickle may claim a 2**63-byte string."""
+
+    def __init__(self, stream: io.BufferedIOBase, size: int) -> None:
+        self.stream, self.size = stream, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.stream.tell()
+        return self.stream.read(left if n < 0 or n > left else n)
+
+    def readline(self) -> bytes:
+        return self.stream.readline(max(0, self.size - self.stream.tell()))
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
 def _run_one(result: PickleScan, stream: io.BufferedIOBase, collect: bool) -> object:
+    here = stream.tell()
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(here)
     try:
-        obj = _Machine(result).run(stream)
-    except (ValueError, IndexError, KeyError, EOFError, struct.error, UnicodeDecodeError) as exc:
+        obj = _Machine(result).run(_Bounded(stream, size))
+    except (ValueError, IndexError, KeyError, EOFError, struct.error, UnicodeDecodeError, MemoryError) as exc:
         result.error = f"malformed pickle: {exc}"
         return None
     if collect:

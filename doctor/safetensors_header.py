@@ -6,6 +6,7 @@ tensors cover exactly, with no hole, no overlap, nothing missing and nothing tra
 """
 from __future__ import annotations
 
+import math
 import json
 import os
 import struct
@@ -45,10 +46,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

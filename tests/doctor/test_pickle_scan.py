@@ -75,7 +75,10 @@ def test_computed_global_names_count_as_dangerous(tmp_path):
     assert result.dangerous and result.dangerous[0].startswith("?")
 
 
-@pytest.mark.parametrize("raw", [b"", b"\x80\x02}q\x00(X\x01\x00", b"PK\x03\x04garbage", b"\x80\x02K\x01K\x02K\x03"])
+HUGE_CLAIM = b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"abc"  # BINBYTES8 claiming 4 EiB
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x80\x02}q\x00(X\x01\x00", b"PK\x03\x04garbage", b"\x80\x02K\x01K\x02K\x03", HUGE_CLAIM])
 def test_damaged_input_reports_an_error_and_never_raises(tmp_path, raw):
     path = tmp_path / "x.bin"
     path.write_bytes(raw)
