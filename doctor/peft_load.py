@@ -69,31 +69,64 @@ def classify_unknown(config: dict, peft_type: str, release: Release, table: Peft
     return out
 
 
-def predict(config: dict | None, problem: ConfigProblem | None, release: Release) -> LoadPrediction:
-    """What `release` does when `PeftModel.from_pretrained` reads this config."""
+def predict(config: dict | None, problem: ConfigProblem | None, release: Release, typed: bool = True) -> LoadPrediction:
+    """What `release` does when it reads this config.
+
+    typed=True: the config `PeftModel.from_pretrained` builds (the class peft_type names).
+    typed=False: what `PeftConfig.from_pretrained` returns, which releases before 0.5 build as the base class.
+    """
     table = peft_table()
     if problem is not None or config is None:
         return LoadPrediction("raises", "JSONDecodeError: the file is not a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type is None:
-        return _missing_peft_type(release)
+    if peft_type is None and typed:
+        return LoadPrediction("raises", "KeyError: 'peft_type'")
+    if peft_type is None or not (typed or release.dispatches):
+        return _untyped(config, release, table)
     if not isinstance(peft_type, str) or peft_type not in release.peft_types:
         return LoadPrediction("raises", f"KeyError: {peft_type!r}")
     task_type = config.get("task_type")
     if release.task_type_validated and task_type is not None and task_type not in release.task_types:
         return LoadPrediction("raises", f"ValueError: Invalid task type: {task_type!r}")
     unknown = tuple(classify_unknown(config, peft_type, release, table))
-    if not unknown:
-        return LoadPrediction("loads")
-    if release.unknown_keys == "raise":
+    if unknown and release.unknown_keys == "raise":
         cls = table.config_class(peft_type) or "PeftConfig"
         return LoadPrediction("raises", f"TypeError: {cls}.__init__() got an unexpected keyword argument '{unknown[0].key}'", unknown)
-    if release.unknown_keys == "warn":
-        return LoadPrediction("warns", None, unknown)
-    return LoadPrediction("loads", None, unknown)  # silently ignored
+    if unknown and release.unknown_keys == "warn" and release.filters_by_caller and not typed:
+        # The retry keeps only PeftConfig's own fields: r, lora_alpha, ... fall back to their defaults, so
+        # only values other than the default are lost.
+        base, own = table.base_fields(release), accepted_fields(table, peft_type, release)
+        lost = [k for k in config if k not in base and not (k in own and same_value(config[k], own[k].default))]
+        return LoadPrediction("warns", None, tuple(UnknownKey(k, "foreign", False, None) for k in lost))
+    warned = (unknown and release.unknown_keys == "warn") or bool(value_warnings(config, peft_type, release))
+    return LoadPrediction("warns" if warned else "loads", None, unknown)
 
 
-def _missing_peft_type(release: Release) -> LoadPrediction:
-    if release.peft_type_required == "typeerror":
-        return LoadPrediction("raises", "TypeError: the config is missing required keys: {'peft_type'}")
-    return LoadPrediction("raises", "KeyError: 'peft_type'")
+_COMPARE = {"!=": lambda a, b: a != b, "==": lambda a, b: a == b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+            "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+
+
+def value_warnings(config: dict, peft_type: str, release: Release) -> list[str]:
+    """The warnings a release's config class emits for these values (e.g. AdaLoRA ignoring `r`)."""
+    out = []
+    for rule in release.value_warnings.get(peft_type, []):
+        if rule["field"] in config:
+            try:
+                if _COMPARE[rule["op"]](config[rule["field"]], rule["value"]):
+                    out.append(rule["message"])
+            except TypeError:  # an ordering test on a value of the wrong type raises in PEFT too
+                continue
+    return out
+
+
+def _untyped(config: dict, release: Release, table: PeftTable) -> LoadPrediction:
+    """Without peft_type, PeftConfig.from_pretrained builds the base class from the file."""
+    base = table.base_fields(release)
+    extra = tuple(UnknownKey(k, "foreign", False, None) for k in config if k not in base)
+    if release.unknown_keys == "ignore":
+        return LoadPrediction("loads", None, extra)  # setattr only for attributes PeftConfig has
+    if release.unknown_keys == "raise" and extra:
+        return LoadPrediction("raises", f"TypeError: PeftConfig.__init__() got an unexpected keyword argument '{extra[0].key}'")
+    if release.unknown_keys == "raise":
+        return LoadPrediction("loads")
+    return LoadPrediction("raises", "TypeError: the config is missing required keys: {'peft_type'}")

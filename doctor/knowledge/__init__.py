@@ -7,7 +7,7 @@ hard-codes a version number.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +39,9 @@ class Release:
     peft_type_required: str | None
     peft_types: tuple[str, ...]
     task_types: tuple[str, ...]
+    value_warnings: dict = field(default_factory=dict, compare=False)  # peft_type -> [{field, op, value, message}]
+    dispatches: bool = True  # PeftConfig.from_pretrained builds the peft_type's own class (0.5+)
+    filters_by_caller: bool = False  # 0.14.0 drops unknown keys by the calling class's fields (PeftConfig's)
 
     @property
     def parsed(self) -> Version:
@@ -50,7 +53,9 @@ class PeftTable:
         # 0.0.x releases had no from_pretrained (unknown_keys is null): nothing saved can target them.
         self.releases = [
             Release(r["version"], r.get("date", ""), r["unknown_keys"], bool(r.get("task_type_validated")),
-                    r.get("peft_type_required"), tuple(r.get("peft_types", ())), tuple(r.get("task_types", ())))
+                    r.get("peft_type_required"), tuple(r.get("peft_types", ())), tuple(r.get("task_types", ())),
+                    r.get("value_warnings", {}), r.get("dispatches_on_peft_type", True),
+                    r.get("unknown_keys_filter") == "caller")
             for r in data["releases"] if r.get("unknown_keys")
         ]
         self.releases.sort(key=lambda r: r.parsed)
@@ -94,6 +99,11 @@ class PeftTable:
     def _span_at(spans: list[dict], release: Release) -> dict | None:
         v = release.parsed
         return next((s for s in spans if _version(s["from"]) <= v <= _version(s["to"])), None)
+
+    def base_fields(self, release: Release) -> set[str]:
+        """PeftConfig's own fields: every config class inherits them, so they are what all share."""
+        sets = [set(self.fields(t, release)) for t in release.peft_types if t in self.configs]
+        return set.intersection(*sets) if sets else set()
 
     def first_release_with(self, peft_type: str, field: str) -> Release | None:
         spans = self.configs.get(peft_type, {}).get("fields", {}).get(field)

@@ -435,6 +435,53 @@ def validates_task_type(methods: dict[str, Located]) -> bool:
 
 # --- assembling the table -----------------------------------------------------------------
 
+_OPS = {ast.NotEq: "!=", ast.Eq: "==", ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
+
+
+def _warning_text(body: list[ast.stmt]) -> str | None:
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, ast.Call) and _name(node.func) == "warn" and node.args:
+            parts = [v.value for v in ast.walk(node.args[0]) if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+            return "".join(parts)[:200] or None
+    return None
+
+
+def value_warnings(tree: SourceTree, module: str, cls: ast.ClassDef) -> list[dict[str, Any]]:
+    """`if self.<field> <op> <constant>: warnings.warn(...)` in a config's __post_init__ (its bases' too)."""
+    found = []
+    for _, base in tree.mro(module, cls):
+        post = next((f for f in base.body if isinstance(f, ast.FunctionDef) and f.name == "__post_init__"), None)
+        for node in ast.walk(post) if post else ():
+            test = node.test if isinstance(node, ast.If) else None
+            if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _OPS):
+                continue
+            left, right = test.left, test.comparators[0]
+            if isinstance(left, ast.Attribute) and _name(left.value) == "self" and isinstance(right, ast.Constant):
+                message = _warning_text(node.body)
+                if message:
+                    found.append({"field": left.attr, "op": _OPS[type(test.ops[0])], "value": right.value,
+                                  "message": message})
+    return found
+
+
+def dispatches(methods: dict[str, Located]) -> bool:
+    """Does PeftConfig.from_pretrained build the class the file's peft_type names (0.5+), or PeftConfig itself?"""
+    if "from_pretrained" not in methods:
+        return False
+    func = methods["from_pretrained"][1]
+    helpers = {_name(n.func) for n in ast.walk(func) if isinstance(n, ast.Call)} & set(methods) - {"from_pretrained"}
+    return _mentions(func, {CONFIG_MAPPING}) or any(_mentions(methods[h][1], {CONFIG_MAPPING}) for h in helpers)
+
+
+def unknown_key_filter(methods: dict[str, Located]) -> str | None:
+    """Which class's signature the warn-and-drop path filters keys by: the dispatched one, or the caller (0.14.0)."""
+    for _, func in methods.values():
+        for node in ast.walk(func):
+            if isinstance(node, ast.Call) and _name(node.func) == "_check_and_remove_unused_kwargs" and node.args:
+                return "caller" if _name(node.args[0]) == "cls" else "dispatched"
+    return None
+
+
 def analyse(version: str, date: str, sources: dict[str, str]) -> dict[str, Any]:
     """Everything the table records about one release."""
     tree = SourceTree(sources)
@@ -443,8 +490,9 @@ def analyse(version: str, date: str, sources: dict[str, str]) -> dict[str, Any]:
     methods: dict[str, Located] = {}
     for module, cls in reversed(tree.mro(*base) if base else []):
         methods.update({f.name: (module, f) for f in cls.body if isinstance(f, ast.FunctionDef)})
-    configs = {pt: (cls.name, dataclass_fields(tree, module, cls))
-               for pt, (module, cls) in config_classes(tree, peft_types).items()}
+    classes = config_classes(tree, peft_types)
+    configs = {pt: (cls.name, dataclass_fields(tree, module, cls)) for pt, (module, cls) in classes.items()}
+    warns = {pt: w for pt, (module, cls) in classes.items() if (w := value_warnings(tree, module, cls))}
     release = {
         "version": version,
         "date": date,
@@ -453,6 +501,9 @@ def analyse(version: str, date: str, sources: dict[str, str]) -> dict[str, Any]:
         "peft_type_required": peft_type_handling(tree, methods),
         "peft_types": list(peft_types.values()),
         "task_types": list(tree.enum_members("peft", "TaskType").values()),
+        "value_warnings": dict(sorted(warns.items())),
+        "dispatches_on_peft_type": dispatches(methods),
+        "unknown_keys_filter": unknown_key_filter(methods),
     }
     return {"release": release, "configs": configs}
 

@@ -89,3 +89,27 @@ def test_damaged_input_reports_an_error_and_never_raises(tmp_path, raw):
 def test_danger_classification():
     assert is_dangerous("subprocess.Popen") and is_dangerous("posix.system") and is_dangerous("builtins.exec")
     assert not is_dangerous("datetime.date") and not is_dangerous("numpy.core.multiarray._reconstruct")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+OPCODE_SNIPPETS = [
+    b"\x80\x02", b"(", b"}", b"]", b")", b"t", b"\x85", b"\x86", b"\x87", b"l", b"d", b"u", b"s", b"a", b"e", b"R",
+    b"b", b"Q", b"P1\n", b"q\x00", b"h\x00", b"r\x00\x00\x00\x00", b"j\x00\x00\x00\x00", b"\x94", b"0", b"1", b"2",
+    b"N", b"\x88", b"\x89", b"K\x05", b"M\x00\x01", b"J\x00\x00\x00\x80", b"\x8a\x01\xff", b"X\x01\x00\x00\x00a",
+    b"\x8c\x03abc", b"ctorch\nFloatStorage\n", b"ccollections\nOrderedDict\n", b"cos\nsystem\n", b"\x93",
+    b"ctorch._utils\n_rebuild_tensor_v2\n", b"\x81", b"\x92", b"o", b"i__main__\nX\n", b"\x82\x01", b"G" + b"\0" * 8,
+    b"C\x02ab", b"\x8f", b"\x90", b"\x91", b".",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from(OPCODE_SNIPPETS), max_size=40))
+def test_random_opcode_streams_never_raise(tmp_path_factory, parts):
+    path = tmp_path_factory.mktemp("p") / "x.bin"
+    path.write_bytes(b"".join(parts))
+    result = scan(path)
+    assert result.error or result.globals is not None
+    if "os.system" in result.globals:
+        assert not result.passed and "os.system" in result.dangerous
