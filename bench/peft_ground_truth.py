@@ -4,10 +4,13 @@ The doctor predicts, without importing PEFT, how a given release will treat a
 saved config. This harness produces the ground truth those predictions are
 tested against: for each PEFT release it builds a throwaway virtualenv (CPU
 torch, plus transformers/accelerate/huggingface_hub releases contemporaneous
-with that PEFT), then runs a probe that repeats, for every input file, the two
+with that PEFT), then runs a probe that repeats, for every input file, the
 config-loading steps of that release's ``PeftModel.from_pretrained``:
 
 * ``untyped``: ``PeftConfig.from_pretrained(dir)``;
+* ``get_peft_type``: ``PeftConfig._get_peft_type(dir)``, which is what
+  ``PeftModel.from_pretrained`` calls instead of the untyped step from 0.4 on
+  (``skipped`` where the release lacks it; see ``from_pretrained_steps``);
 * ``typed``: ``PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(dir)``,
   with ``peft_type`` taken from the untyped result, else from the raw JSON.
 
@@ -77,25 +80,20 @@ import dataclasses, enum, json, logging, os, shutil, sys, tempfile, warnings
 import peft
 from peft import PeftConfig
 
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # where every release so far keeps it
+
 PEFT_DIR = os.path.dirname(peft.__file__)
-try:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    WHERE = "peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING"
-except ImportError:
-    from peft.utils.peft_types import PEFT_TYPE_TO_CONFIG_MAPPING
-    WHERE = "peft.utils.peft_types.PEFT_TYPE_TO_CONFIG_MAPPING"
+WHERE = "peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING"
 
 
 class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.records = []
+    records = []
 
     def emit(self, record):
         self.records.append(record)
 
 
-HANDLER = Collect()
+HANDLER = Collect(logging.WARNING)
 for name in ("peft", "transformers"):  # transformers' logger does not propagate to root
     logging.getLogger(name).addHandler(HANDLER)
 
@@ -137,25 +135,43 @@ def relevant(w):
     return path.startswith(PEFT_DIR) or "site-packages" not in path
 
 
-def step(fn, raw):
+def step(fn):
+    """Run one loading step; return its record (without config details) and its result."""
     HANDLER.records.clear()
     out = {"status": "loads", "error": None, "dropped": None, "kept_type": None}
+    result = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            config = fn()
+            result = fn()
         except Exception as exc:
-            config, out["status"] = None, "raises"
-            out["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+            out["status"], out["error"] = "raises", f"{type(exc).__name__}: {first_line(exc)}"
     kept = [f"{w.category.__name__}: {first_line(w.message)}" for w in caught if relevant(w)]
     kept += [f"logging.{r.levelname}: {first_line(r.getMessage())}" for r in HANDLER.records]
     out["warnings"], out["raw_warning_count"] = kept, len(caught) + len(HANDLER.records)
-    if config is not None:
-        out["status"] = "warns" if kept else "loads"
+    if out["status"] == "loads" and kept:
+        out["status"] = "warns"
+    return out, result
+
+
+def config_step(fn, raw):
+    out, config = step(fn)
+    if out["status"] != "raises":
         out["kept_type"] = type(config).__name__
         if isinstance(raw, dict):
             out["dropped"] = sorted(k for k in raw if not hasattr(config, k) or not survives(raw[k], getattr(config, k)))
     return out, config
+
+
+def skipped():
+    return {"status": "skipped", "error": None, "warnings": [], "raw_warning_count": 0,
+            "dropped": None, "kept_type": None}
+
+
+# From 0.4 on, PeftModel.from_pretrained reads peft_type with this helper and never
+# calls PeftConfig.from_pretrained; earlier releases use the untyped config's peft_type.
+GET_PEFT_TYPE = getattr(PeftConfig, "_get_peft_type", None)
+STEPS = ["get_peft_type" if GET_PEFT_TYPE else "untyped", "typed"]
 
 
 def probe(path):
@@ -166,23 +182,26 @@ def probe(path):
                 raw = json.load(f)
         except Exception:
             raw = None
-        untyped, config = step(lambda: PeftConfig.from_pretrained(tmp), raw)
+        untyped, config = config_step(lambda: PeftConfig.from_pretrained(tmp), raw)
+        found = dict(skipped(), value=None)
+        if GET_PEFT_TYPE:
+            found, value = step(lambda: GET_PEFT_TYPE(tmp))
+            found["value"] = plain(value)
         peft_type = getattr(config, "peft_type", None)
         if peft_type is None and isinstance(raw, dict) and isinstance(raw.get("peft_type"), str):
             peft_type = raw["peft_type"]
         if peft_type is None:
-            typed = {"status": "skipped", "error": None, "warnings": [], "raw_warning_count": 0,
-                     "dropped": None, "kept_type": None}
+            typed = skipped()
         else:
             peft_type = plain(peft_type)
-            typed, _ = step(lambda: PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(tmp), raw)
+            typed, _ = config_step(lambda: PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(tmp), raw)
         typed["peft_type"] = peft_type
-        return {"untyped": untyped, "typed": typed}
+        return {"untyped": untyped, "get_peft_type": found, "typed": typed}
 
 
 paths, out_path = json.loads(sys.argv[1]), sys.argv[2]
 results = {key: probe(path) for key, path in paths.items()}
-env = {"python": sys.version.split()[0], "mapping": WHERE}
+env = {"python": sys.version.split()[0], "mapping": WHERE, "from_pretrained_steps": STEPS}
 with open(out_path, "w", encoding="utf-8") as f:
     json.dump({"environment": env, "results": results}, f)
 '''
@@ -196,7 +215,7 @@ def pip(python: Path, args: list[str], log: Path) -> None:
 def ensure_venv(venv: Path, version: str) -> Path:
     """Build the venv for one release, or reuse it if it was built with the same pins."""
     python, stamp = venv / "bin" / "python", venv / "peft-gt-requirements.json"
-    wanted = [f"peft=={version}", *PINS.get(version, []), *COMMON]
+    wanted = [f"peft=={version}", *PINS.get(version, []), *COMMON]  # unlisted: newest deps
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return python
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
@@ -208,10 +227,10 @@ def ensure_venv(venv: Path, version: str) -> Path:
 
 
 def installed(python: Path) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json, sys\nfound = {}\nfor n in sys.argv[1:]:\n"
-            "    try: found[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(found))")
-    done = subprocess.run([str(python), "-c", code, *REPORTED], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+    listing = subprocess.run([str(python), "-m", "pip", "list", "--format=json"],
+                             capture_output=True, text=True, check=True).stdout
+    found = {p["name"].lower().replace("-", "_"): p["version"] for p in json.loads(listing)}
+    return {name: found[name] for name in REPORTED if name in found}
 
 
 def measure(version: str, venvs: Path, inputs: dict[str, str]) -> tuple[dict, dict]:
@@ -221,10 +240,16 @@ def measure(version: str, venvs: Path, inputs: dict[str, str]) -> tuple[dict, di
     try:
         python = ensure_venv(venv, version)
     except subprocess.CalledProcessError:
-        tail = (venv / "install.log").read_text(errors="replace").strip().splitlines()[-3:]
-        env["error"] = "install failed: " + " | ".join(tail)[-600:]
+        lines = (venv / "install.log").read_text(errors="replace").strip().splitlines()
+        env["error"] = "install failed: " + " | ".join([l for l in lines if l.startswith("ERROR")] or lines[-3:])[-600:]
         return env, {}
     env["pins"] = installed(python)
+    env["requested"] = json.loads((venv / "peft-gt-requirements.json").read_text())
+    imported = subprocess.run([str(python), "-c", "import peft"], capture_output=True, text=True)
+    if imported.returncode != 0:
+        env["error"] = "import failed: " + imported.stderr.strip().splitlines()[-1][-600:]
+        return env, {}
+    env["importable"] = True
     with tempfile.TemporaryDirectory() as tmp:
         script, out = Path(tmp, "probe.py"), Path(tmp, "out.json")
         script.write_text(PROBE)
@@ -235,7 +260,7 @@ def measure(version: str, venvs: Path, inputs: dict[str, str]) -> tuple[dict, di
             env["error"] = "probe failed: " + " | ".join(done.stderr.strip().splitlines()[-3:])[-600:]
             return env, {}
         measured = json.loads(out.read_text())
-    env.update(measured["environment"], importable=True)
+    env.update(measured["environment"])
     return env, measured["results"]
 
 
@@ -263,7 +288,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = pool.map(lambda v: measure(v, args.venvs, inputs), versions)
         for version, (env, results) in zip(versions, runs):
-            print(f"peft {version}: {'ok' if env['importable'] else env.get('error')}", file=sys.stderr)
+            print(f"peft {version}: {env.get('error', 'ok')}", file=sys.stderr)
             table["environments"][version] = env
             for key in inputs:
                 table["results"].setdefault(key, {}).pop(version, None)
