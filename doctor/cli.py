@@ -193,6 +193,8 @@ def env(fmt: str) -> None:
 
 def run() -> None:
     """Console entry point: a crash prints one line, not a traceback (DOCTOR_DEBUG=1 shows it)."""
+    # The value scan uses numpy without BLAS; its thread pool would only slow the start.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         main(standalone_mode=True)
     except SystemExit:

@@ -1,49 +1,21 @@
-"""Stream the raw bytes of saved tensors, from safetensors or torch pickles, without torch.
-
-The value scan classifies floats by their bit patterns: masking off the sign bit and taking the
-maximum gives, in one pass, "all zero" (max == 0) and "has NaN or Inf" (max >= the exponent mask).
-That works the same for bf16, fp16, fp32 and fp64 viewed as unsigned integers.
-"""
+"""Stream the raw bytes of saved tensors, from safetensors or torch pickles, without torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-
 from .artifact import WeightsFile
+from .float_bits import classify_bytes, classify_numpy
 from .pickle_scan import PickledTensor, element_size
 
 CHUNK = 1 << 24  # bytes per step; large enough to amortise numpy call overhead
-_FLOAT_BITS = {  # dtype -> (unsigned view, magnitude mask, exponent mask)
-    "BF16": (np.uint16, 0x7FFF, 0x7F80),
-    "F16": (np.uint16, 0x7FFF, 0x7C00),
-    "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
-    "F64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
-}
+SMALL = 1 << 20  # below this much data, importing numpy costs more than the scan itself
 
 
 @dataclass
 class TensorStats:
-    all_zero: bool
-    nonfinite: bool  # NaN or Inf somewhere
-
-
-def _classify(buf: memoryview, dtype: str | None, stats: TensorStats) -> None:
-    if not len(buf):
-        return
-    spec = _FLOAT_BITS.get(dtype or "")
-    if spec is None:
-        if np.frombuffer(buf, dtype=np.uint8).any():
-            stats.all_zero = False
-        return
-    view, magnitude, exponent = spec
-    arr = np.frombuffer(buf, dtype=view)
-    peak = int(np.bitwise_and(arr, view(magnitude)).max())
-    if peak:
-        stats.all_zero = False
-    if peak >= exponent:
-        stats.nonfinite = True
+    all_zero: bool = True
+    nonfinite: bool = False  # NaN or Inf somewhere
 
 
 def _safetensors_regions(wf: WeightsFile) -> Iterator[tuple[str, str, memoryview]]:
@@ -85,6 +57,8 @@ def _tensor_bytes(storage: bytes, t: PickledTensor) -> bytes:
     if t.contiguous:
         start = t.offset * width
         return storage[start:start + t.numel * width]
+    import numpy as np
+
     flat = np.frombuffer(storage, dtype=np.uint8).reshape(-1, width)
     idx = np.full(t.shape, t.offset, dtype=np.int64)
     for axis, (size, stride) in enumerate(zip(t.shape, t.stride)):
@@ -105,10 +79,14 @@ def regions(wf: WeightsFile) -> Iterator[tuple[str, str | None, memoryview]]:
 
 def scan_values(wf: WeightsFile) -> dict[str, TensorStats]:
     """One streaming pass over every tensor's data."""
+    classify = classify_bytes if wf.size < SMALL else classify_numpy
     stats: dict[str, TensorStats] = {}
     for name, dtype, chunk in regions(wf):
-        entry = stats.setdefault(name, TensorStats(all_zero=True, nonfinite=False))
-        _classify(chunk, dtype, entry)
+        entry = stats.setdefault(name, TensorStats())
+        if len(chunk):
+            zero, nonfinite = classify(chunk, dtype)
+            entry.all_zero &= zero
+            entry.nonfinite |= nonfinite
     return stats
 
 

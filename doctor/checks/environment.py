@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from packaging.specifiers import SpecifierSet
-
 from ..env import installed_version
 from ..finding import Finding, Severity
 from ..knowledge import behaviours, parse_version
@@ -37,6 +35,8 @@ def incompatible_pairs(versions: dict[str, str | None]) -> list[str]:
 
 
 def _satisfies(version: str | None, spec: str) -> bool:
+    from packaging.specifiers import SpecifierSet  # rarely needed; keeps `doctor check` quick to start
+
     parsed = parse_version(version or "")
     return parsed is not None and SpecifierSet(spec).contains(parsed, prereleases=True)
 
