@@ -70,7 +70,9 @@ def _lora_key(name: str, wrappers: tuple[str, ...], has_prefix: bool, parts: lis
     extra = tail[:-1] if param else tail
     adapter_name = ".".join(extra) if extra else None
     module, nested = _unnest(parts[:role_at])
-    clean = parts[:role_at] + [role] + ([param] if param else [])
+    # DoRA's magnitude is stored without `.weight` on disk, whatever it is called in memory.
+    keep_param = param if param and role != "lora_magnitude_vector" else None
+    clean = parts[:role_at] + [role] + ([keep_param] if keep_param else [])
     return AdapterKey(name, _canonical(".".join(clean)), wrappers, has_prefix, module, role, param, adapter_name, nested)
 
 

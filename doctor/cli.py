@@ -137,6 +137,108 @@ def _progress(total: int):
     return progress, progress.add_task("check", total=total)
 
 
+FIX_CODES = """\b
+Exit codes:
+  0  nothing to change (dry run), or the fix was written and no error is left
+  1  changes are planned (dry run), or errors remain after writing
+  2  usage error, an unreadable path, or a write that failed (the original is intact)"""
+
+
+@main.command(epilog=FIX_CODES)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--inplace", is_flag=True, help="Rewrite the adapter in place (atomically, with a backup).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write a fixed copy here; the original stays untouched.")
+@click.option("--target-peft", metavar="VERSION", callback=_version, help="Make the adapter loadable by this PEFT release.")
+@click.option("--target-transformers", metavar="VERSION", callback=_version, help="Move layouts to this transformers release.")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The base model folder.")
+@click.option("--only", multiple=True, metavar="IDS", help="Fix only these check ids or categories (info findings too).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16"]), help="Cast float tensors (opt-in: it rounds).")
+@click.option("--set-base", metavar="NAME_OR_PATH", help="Record this base model in adapter_config.json.")
+@click.option("--yes", is_flag=True, help="Do not ask before writing.")
+@click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
+def fix(paths: tuple[Path, ...], inplace: bool, out: Path | None, target_peft: str | None, target_transformers: str | None,
+        base: Path | None, only: tuple[str, ...], dtype: str | None, set_base: str | None, yes: bool, fmt: str) -> None:
+    """Repair saved adapters. Without --inplace or --out it only shows the plan (a dry run).
+
+    Every edit names the finding it answers. Config changes show as a diff, tensor changes as a table.
+    --inplace swaps the fixed files in atomically and keeps the originals in <adapter>/.doctor-backup/<time>/;
+    the result is checked before it replaces anything. A fix that cannot keep the adapter's meaning is
+    refused with the reason.
+    """
+    from .fixers import FixOptions, FixWriteError, apply, plan
+    from .targets import TargetError
+
+    if inplace and out:
+        raise click.UsageError("--inplace and --out exclude each other")
+    options = FixOptions(target_peft, target_transformers, base, _ids(only), dtype, set_base)
+    console = _console()
+    records, code = [], 0
+    for path in paths:
+        try:
+            p = plan(path, options)
+        except TargetError as exc:
+            records.append({"target": str(path), "error": str(exc)})
+            _say(console, fmt, f"✗ {exc}", "bold red")
+            code = 2
+            continue
+        record = p.to_dict()
+        records.append(record)
+        if fmt == "rich":
+            from .render.plan_report import render_plan
+
+            console.print(render_plan(p))
+        if p.empty:
+            continue
+        if not (inplace or out):
+            code = max(code, 1)
+            continue
+        if inplace and not yes and not _confirm(p):
+            _say(console, fmt, f"skipped {p.target}", "yellow")
+            code = max(code, 1)
+            continue
+        destination = out / p.target.name if out and len(paths) > 1 else out
+        try:
+            result = apply(p, inplace=inplace, out=destination, options=options)
+        except (FixWriteError, OSError) as exc:
+            record["error"] = str(exc)
+            _say(console, fmt, f"✗ {exc}", "bold red")
+            code = 2
+            continue
+        record.update(written=str(result.written), backup=str(result.backup) if result.backup else None,
+                      after=result.after.counts())
+        errors_left = record["after"]["error"]
+        code = max(code, 1 if errors_left else 0)
+        if fmt == "rich":
+            _summary(console, p, result)
+    if fmt == "json":
+        click.echo(json.dumps({"schema": 1, "fixes": records}, indent=2, default=str))
+    elif not (inplace or out) and code == 1:
+        console.print("dry run: nothing was written (--inplace or --out DIR writes the fix)", style="dim")
+    sys.exit(code)
+
+
+def _say(console, fmt: str, message: str, style: str) -> None:
+    if fmt == "rich":
+        console.print(message, style=style)
+    else:
+        click.echo(message, err=True)
+
+
+def _confirm(p) -> bool:
+    if not sys.stdin.isatty():
+        raise click.UsageError("--inplace asks before writing; pass --yes when there is no terminal to ask on")
+    return click.confirm(f"Write these changes to {p.target}?", default=False)
+
+
+def _summary(console, p, result) -> None:
+    before = sum(1 for f in p.findings if f.severity.value == "error")
+    after = result.after.counts()
+    console.print(f"wrote {', '.join(result.files)} in {result.written}", style="green")
+    if result.backup:
+        console.print(f"originals kept in {result.backup}")
+    console.print(f"errors before: {before}, after: {after['error']} ({after['warning']} warnings left)")
+
+
 @main.command("list-checks")
 @click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
 def list_checks(fmt: str) -> None:

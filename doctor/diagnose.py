@@ -26,11 +26,18 @@ class Options:
 def plan_targets(paths: Iterable[str | Path]) -> list[tuple[str, Target | TargetError]]:
     """Every adapter under `paths`, or the error that stopped a path from being read."""
     out: list[tuple[str, Target | TargetError]] = []
+    seen: set[tuple[Path, Path]] = set()
     for raw in paths:
         try:
-            out += [(str(raw), t) for t in discover(Path(raw))]
+            found = discover(Path(raw))
         except TargetError as exc:
             out.append((str(raw), exc))
+            continue
+        for target in found:  # a folder's config and weights, both named, are one adapter
+            key = (target.root.resolve(), target.config_path.resolve())
+            if key not in seen:
+                seen.add(key)
+                out.append((str(raw), target))
     return out
 
 

@@ -35,7 +35,8 @@ FOREIGN_KEYS = Check(
 STAMP_NEWER = Check(
     "ADC205", CAT, Severity.WARNING, "Saved by a newer PEFT than the target",
     "Since 0.18, PEFT stamps `peft_version` into the config. An adapter saved by a newer release may use formats "
-    "the target does not read.", manual="Upgrade PEFT to at least the stamped version.")
+    "the target does not read. Where the target predates the stamp, the fix drops it with the other unknown keys.",
+    fixer="migrate-config")
 ERA = Check(
     "ADC206", CAT, Severity.INFO, "PEFT version inferred from the config's keys",
     "Configs saved before PEFT 0.18 carry no version stamp. Because PEFT writes every field, the key set tells which "

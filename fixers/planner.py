@@ -1,0 +1,84 @@
+"""Turn an adapter's findings into a `Plan`: each fixer proposes, nothing is written."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from adapter_doctor.artifact import read_artifact
+from adapter_doctor.base_model import resolve_base
+from adapter_doctor.checks import Context, run_checks
+from adapter_doctor.env import Env
+from adapter_doctor.finding import Finding, Severity
+from adapter_doctor.targets import Target, TargetError, discover
+
+from . import canonicalize_keys, cast_dtype, migrate_config, migrate_layout, pickle_to_safetensors, set_base
+from .atomic import Fingerprint
+from .context import FixContext, FixOptions
+from .plan import ABSENT, Plan, Refusal, WeightsJob
+
+# Order matters: config edits first (later fixers read the edited config), then names, then data.
+FIXERS = (migrate_config, set_base, canonicalize_keys, migrate_layout, pickle_to_safetensors, cast_dtype)
+# Fixers that act on an option alone, without a finding naming them.
+_ON_REQUEST = {set_base.ID: lambda o: o.set_base is not None, cast_dtype.ID: lambda o: o.dtype is not None}
+
+
+def single_target(path: Path) -> Target:
+    targets = discover(path)
+    if len(targets) != 1:
+        raise TargetError(f"{path} holds {len(targets)} adapters; fix them one by one: "
+                          + ", ".join(str(t.root) for t in targets))
+    return targets[0]
+
+
+def _wanted(f: Finding, only: frozenset[str]) -> bool:
+    if only:
+        return f.id in only or f.category in only
+    return f.severity is not Severity.INFO
+
+
+def plan(path: Path | str, options: FixOptions | None = None) -> Plan:
+    """What `doctor fix` would change in the adapter at `path`. Raises TargetError for a bad path."""
+    options = options or FixOptions()
+    target = single_target(Path(path))
+    env = Env.detect(options.target_peft, options.target_transformers)
+    art = read_artifact(target.root, target.config_path, target.name)
+    config = art.config or {}
+    resolution = resolve_base(config.get("base_model_name_or_path"), config.get("revision"), options.base,
+                              target.root, env.transformers)
+    check = Context(art, env, resolution)
+    findings = [f for f in run_checks(check) if _wanted(f, options.only)]
+    result = Plan(target.root, target.config_path, art.config, copy.deepcopy(art.config), findings)
+    if art.config is None:
+        result.refusals = [Refusal(f.id, f.fix.description if f.fix else f.title) for f in findings]
+        return result
+    job = WeightsJob(art.primary_weights.path) if art.primary_weights else None
+    for fixer in FIXERS:
+        mine = [f for f in findings if f.fix and f.fix.fixer == fixer.ID]
+        if mine or _ON_REQUEST.get(fixer.ID, lambda o: False)(options):
+            _merge(result, job, fixer.plan(FixContext(art, check, mine, options, result.config_after)))
+    handled = {f.id for f in findings if f.fix and f.fix.fixer} | {r.finding for r in result.refusals}
+    result.refusals += [Refusal(f.id, f"fix by hand: {f.fix.description if f.fix else f.title}")
+                        for f in findings if f.id not in handled and f.severity is not Severity.INFO]
+    if job and (job.renames or job.cast or job.from_pickle or job.tensors is not None):
+        result.weights = job
+    result.fingerprints = {p.name: Fingerprint.of(p) for p in [target.config_path, *(w.path for w in art.weights)]
+                           if p.exists()}
+    return result
+
+
+def _merge(result: Plan, job: WeightsJob | None, part) -> None:
+    for edit in part.edits:
+        if edit.after is ABSENT:
+            result.config_after.pop(edit.key, None)
+        else:
+            result.config_after[edit.key] = edit.after
+    result.edits += part.edits
+    result.changes += part.changes
+    result.refusals += part.refusals
+    result.remove |= part.remove
+    if job is not None:
+        job.renames.update(part.renames)
+        job.cast = part.cast or job.cast
+        job.from_pickle |= part.from_pickle
+        if part.tensors is not None:
+            job.tensors = part.tensors
