@@ -3,7 +3,7 @@
 `plan(path, options)` returns a `Plan` and writes nothing; `apply(plan, inplace=True)` or
 `apply(plan, out=DIR)` carries it out, atomically and with a backup of every replaced file.
 """
-from .apply import Result, apply
+from .execute import Result, apply
 from .atomic import FixWriteError
 from .context import FixOptions
 from .plan import Plan

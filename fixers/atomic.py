@@ -98,20 +98,6 @@ def _mirror(src: Path, dst: Path, skip: set[str]) -> None:
             _link_or_copy(entry, target)
 
 
-def _write_through(link: Path, writer: Writer, backup: Path) -> None:
-    """Replace the file a symlink points at, atomically in its own folder, after backing it up."""
-    real = link.resolve()
-    tmp = real.with_name(f".{real.name}.{stamp()}.tmp")
-    try:
-        writer(tmp)
-        shutil.copymode(real, tmp)
-        shutil.copy2(real, backup / link.name)
-        os.replace(tmp, real)
-        fsync_dir(real.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
                      guard: Callable[[], None], verify: Callable[[Path], None]) -> Path:
     """Swap in a copy of `root` with `writers`' files replaced and `remove` gone; return the backup folder.
@@ -120,12 +106,14 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
     (at its staging path) is not what was intended. Either way the original stays as it was.
     """
     root = root.resolve()
+    clear_leftovers(root)
     for name in [*writers, *remove]:
         if (root / name).exists():
             _writable(root / name)
     staging = root.with_name(f"{STAGING_MARK}{root.name}-{stamp()}")
     backup_rel = Path(BACKUP_DIR) / stamp()
     linked = {n for n in writers if (root / n).is_symlink()}
+    pending: dict[str, tuple[Path, Path]] = {}  # symlinked files: (real target, its new content beside it)
     try:
         staging.mkdir()
         shutil.copystat(root, staging)
@@ -137,7 +125,11 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
                 _link_or_copy(root / name, backup / name)
         for name, write in writers.items():
             if name in linked:
-                os.symlink(os.readlink(root / name), staging / name)
+                real = (root / name).resolve()
+                pending[name] = (real, real.with_name(f".{real.name}.{stamp()}.tmp"))
+                write(pending[name][1])
+                shutil.copymode(real, pending[name][1])
+                os.symlink(pending[name][1], staging / name)  # so that `verify` sees the new content
             else:
                 write(staging / name)
                 if (root / name).exists():
@@ -146,8 +138,12 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
             fsync_dir(folder)
         verify(staging)
         guard()
-        for name in linked:  # outside the folder, so outside the swap: each one is atomic on its own
-            _write_through(root / name, writers[name], backup)
+        for name, (real, tmp) in pending.items():  # outside the folder, so outside the swap: each atomic alone
+            (staging / name).unlink()
+            os.symlink(os.readlink(root / name), staging / name)
+            shutil.copy2(real, backup / name)
+            os.replace(tmp, real)
+            fsync_dir(real.parent)
         _exchange(root, staging)
         fsync_dir(root.parent)
     except OSError as exc:
@@ -157,6 +153,9 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
     except BaseException:
         _discard(staging)
         raise
+    finally:
+        for _, tmp in pending.values():
+            tmp.unlink(missing_ok=True)
     _discard(staging)  # now holds the old folder, whose files all live on in the new one or its backup
     return root / backup_rel
 
@@ -240,3 +239,24 @@ def leftover_staging(root: Path) -> list[Path]:
     """Staging folders a killed run left beside `root` (the original is intact; they can go)."""
     root = root.resolve()
     return sorted(root.parent.glob(f"{STAGING_MARK}{root.name}-*"))
+
+
+def clear_leftovers(root: Path) -> list[Path]:
+    """Remove what killed runs left beside `root`; a run still alive keeps its own."""
+    cleared = []
+    for path in leftover_staging(root):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _discard(path)
+            cleared.append(path)
+    return cleared
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -40,7 +40,9 @@ def _drop_unknown(ctx: FixContext, out: FixerPlan, peft_type: str, ids: set[str]
         out.refusals.append(Refusal("ADC205", f"PEFT {release.version} knows the stamp; upgrade PEFT instead"))
     for u in unknown:
         answers = "ADC202" if u.kind == "future" and not u.at_default else _ANSWERS[u.kind]
-        if answers not in ids and not (u.key == "peft_version" and "ADC205" in ids):
+        if answers not in ids and u.key == "peft_version" and "ADC205" in ids:
+            answers = "ADC205"  # the stamp is dropped for its own finding
+        if answers not in ids:
             continue
         value = ctx.config[u.key]
         if u.at_default or u.kind == "foreign" or u.key in init_only:

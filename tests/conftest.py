@@ -68,3 +68,23 @@ def broken(name: str) -> Path:
 
 def healthy(name: str) -> Path:
     return FIXTURES / "healthy" / name
+
+
+def peft_logits(adapter: Path, base: Path, tokens: int = 12) -> tuple[object, list[str], list[str]]:
+    """Logits of `base` with `adapter` loaded by real PEFT (fp32, CPU), and its missing/unexpected adapter keys."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    config = transformers.AutoConfig.from_pretrained(base)
+    auto = transformers.AutoModelForImageTextToText if "vision_config" in config.to_dict() else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(base, torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter)), adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora" in k or "modules_to_save" in k]
+    peft_model.eval()
+    ids = torch.arange(1, tokens + 1).unsqueeze(0) % config.get_text_config().vocab_size
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+    return logits, missing, list(result.unexpected_keys)

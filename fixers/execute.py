@@ -9,7 +9,7 @@ from adapter_doctor import Options, diagnose
 from adapter_doctor.finding import Report, Severity
 
 from . import weights
-from .atomic import Fingerprint, FixWriteError, replace_file, replace_in_place, write_copy, write_copy_file
+from .atomic import Fingerprint, clear_leftovers, FixWriteError, replace_file, replace_in_place, write_copy, write_copy_file
 from .context import FixOptions
 from .plan import Plan, peft_json
 
@@ -71,6 +71,8 @@ def apply(plan: Plan, *, inplace: bool = False, out: Path | None = None, options
     """Write the plan. With neither `inplace` nor `out` nothing is written (a dry run)."""
     options = options or FixOptions()
     result = Result(plan.target)
+    if inplace and not plan.config_only:
+        clear_leftovers(plan.target)  # what a killed earlier run left beside the folder
     if plan.empty or not (inplace or out):
         return result
     files = writers(plan)
