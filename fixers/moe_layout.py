@@ -154,7 +154,8 @@ class _Job:
             raise LayoutRefusal(f"{module}: lora_A and lora_B do not pair up")
         rank = _resolve(self.config.get("rank_pattern"), self.config.get("r", 8), module)
         if rank * experts != found["A"].shape[0]:
-            raise LayoutRefusal(f"{module}: the weights hold rank {found['A'].shape[0]}, the config says {rank}")
+            held = found["A"].shape[0] / experts
+            raise LayoutRefusal(f"{module}: the weights hold rank {held:g}, the config says {rank}")
         return (found["A"], found["B"]), rank, self.scaling(_resolve(self.config.get("alpha_pattern"),
                                                                      self.config.get("lora_alpha", 8), module), rank)
 
@@ -175,13 +176,18 @@ class _Job:
         if alpha is None:
             raise LayoutRefusal(f"{self.module(layer, name)}: no lora_alpha gives rank {rank} the scaling {scale!r}")
         for leaf, x in zip(("lora_A.weight", "lora_B.weight"), lora):
-            self.out[f"{layer}{at}{leaf}"] = RawTensor(self.dtype, x.shape, np.ascontiguousarray(x).tobytes())
+            self.add(f"{layer}{at}{leaf}", RawTensor(self.dtype, x.shape, np.ascontiguousarray(x).tobytes()))
         self.wanted[self.module(layer, name)] = (layer.removeprefix(BASE_PREFIX), pattern, rank, alpha)
+
+    def add(self, name: str, t: RawTensor) -> None:
+        if name in self.out:
+            raise LayoutRefusal(f"{name}: the adapter already holds tensors in both layouts")
+        self.out[name] = t
 
     def keep_rest(self, tensors: dict[str, RawTensor]) -> None:
         for name, t in tensors.items():
             if name not in self.taken:
-                self.out[name] = t
+                self.add(name, t)
                 if ".lora_" in name:
                     self.kept.add(name.removeprefix(BASE_PREFIX).split(".lora_")[0])
 
@@ -243,12 +249,12 @@ def _split(job: _Job, layer: str, role: str, found: dict) -> list[tuple[str, lis
         return [(job.layout["down"], per, rank, scale)]
     (gate, up), i, h = job.layout["gate_up"], job.dims["gate_up"][1] // 2, rank // 2
     zero = {p: not any(_nonzero(pb[rows]) for _, pb in per) for p, rows in ((gate, slice(0, i)), (up, slice(i, None)))}
-    if zero[gate] != zero[up]:  # one half never trained (or zero-filled on the way in): only the other is a LoRA
-        keep, rows = (gate, slice(0, i)) if zero[up] else (up, slice(i, None))
-        return [(keep, [(pa, pb[rows]) for pa, pb in per], rank, scale)]
     if rank % 2 == 0 and not any(_nonzero(pb[:i, h:]) or _nonzero(pb[i:, :h]) for _, pb in per):
         return [(gate, [(pa[:h], pb[:i, :h]) for pa, pb in per], h, scale),  # block-diagonal: each half keeps its As
                 (up, [(pa[h:], pb[i:, h:]) for pa, pb in per], h, scale)]
+    if zero[gate] != zero[up]:  # one half never trained (or zero-filled on the way in): only the other is a LoRA
+        keep, rows = (gate, slice(0, i)) if zero[up] else (up, slice(i, None))
+        return [(keep, [(pa, pb[rows]) for pa, pb in per], rank, scale)]
     # Any other B: gate and up each keep the whole A and their rows of B, which is exact for every B.
     return [(gate, [(pa, pb[:i]) for pa, pb in per], rank, scale), (up, [(pa, pb[i:]) for pa, pb in per], rank, scale)]
 

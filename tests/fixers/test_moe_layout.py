@@ -106,7 +106,8 @@ def test_per_expert_to_fused_keeps_every_expert_delta():
     fused, new = per_expert_to_fused(tensors, config, base_config(MIXTRAL))
     assert config == before  # the input is not edited
     assert_same_deltas((tensors, config), (fused, new), MIXTRAL)
-    shapes = [fused[f"{L0}mlp.experts.{key}.weight"].shape for key in ("base_layer.lora_A", "base_layer.lora_B", "lora_A")]
+    keys = ("base_layer.lora_A", "base_layer.lora_B", "lora_A")
+    shapes = [fused[f"{L0}mlp.experts.{key}.weight"].shape for key in keys]
     assert shapes == [(4 * 8, 32), (2 * 48, 4 * 8), (4 * 4, 48)]  # gate_up at rank 2r, block-diagonal B
     assert new["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert new["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -224,6 +225,11 @@ def mixed_dtypes(path: Path) -> tuple[dict[str, RawTensor], dict]:
     return {**tensors, name: as_f32}, config
 
 
+def both_layouts() -> tuple[dict[str, RawTensor], dict]:
+    tensors, config = adapter(QWEN_V5)
+    return {**tensors, **fused_to_per_expert(tensors, config, base_config(QWEN))[0]}, config
+
+
 @pytest.mark.parametrize("make, base, convert, reason", [
     (lambda: edited(MIXTRAL_V4, use_dora=True), MIXTRAL, per_expert_to_fused, "DoRA"),
     (lambda: edited(MIXTRAL_V4, lora_bias=True), MIXTRAL, per_expert_to_fused, "lora_bias"),
@@ -236,6 +242,8 @@ def mixed_dtypes(path: Path) -> tuple[dict[str, RawTensor], dict]:
     (lambda: mixed_dtypes(MIXTRAL_V4), MIXTRAL, per_expert_to_fused, "one float dtype"),
     (lambda: adapter(MIXTRAL_V4), FIXTURES / "bases" / "llama", per_expert_to_fused, "'llama'"),
     (lambda: adapter(QWEN_V5), MIXTRAL, fused_to_per_expert, "do not fit"),
+    (both_layouts, QWEN, per_expert_to_fused, "both layouts"),
+    (both_layouts, QWEN, fused_to_per_expert, "both layouts"),
 ])
 def test_refusals_say_why(make, base, convert, reason):
     with pytest.raises(LayoutRefusal, match=re.escape(reason)):

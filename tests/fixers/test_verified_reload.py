@@ -71,3 +71,23 @@ def test_fp32_cast_is_within_bf16_rounding(tmp_path):
     original, _, _ = peft_logits(src, BASES / "llama")
     assert not torch.equal(fixed, original)
     assert torch.allclose(fixed, original, rtol=2e-2, atol=2e-2)
+
+
+def test_v4_moe_adapter_fused_for_transformers_5(tmp_path):
+    # PEFT 0.21.2 converts v4 mixtral adapters on load itself: the fixed file must load to the same LoRA.
+    out, _ = _fixed(tmp_path, broken("keys-v4-moe-on-v5"), {"only": frozenset({"ADC514"})})
+    logits, missing, unexpected = peft_logits(out, BASES / "mixtral")
+    assert missing == [] and unexpected == []
+    assert torch.equal(logits, peft_logits(healthy("v4/mixtral-per-expert"), BASES / "mixtral")[0])
+
+
+def test_v5_moe_adapter_split_per_expert_for_transformers_4(tmp_path):
+    out, _ = _fixed(tmp_path, healthy("qwen3moe-v5-target-parameters"), {"target_transformers": "4.57.6"})
+    assert not any("target_parameters" in k and v for k, v in __import__("json").loads(
+        (out / "adapter_config.json").read_text()).items())
+    # Loaded here (transformers 5), PEFT fuses the per-expert adapter again: the model must compute the same.
+    # Only the order of float32 sums may differ (bf16 products are exact in float32).
+    logits, missing, unexpected = peft_logits(out, BASES / "qwen3_moe")
+    assert missing == [] and unexpected == []
+    original, _, _ = peft_logits(healthy("qwen3moe-v5-target-parameters"), BASES / "qwen3_moe")
+    assert torch.allclose(logits, original, rtol=0, atol=1e-5)
