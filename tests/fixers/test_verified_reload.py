@@ -17,6 +17,9 @@ CASES = {
     "config-legacy-keys": ("llama-lora", "llama", {"only": frozenset({"ADC203"})}, True),
     "base-revision-unsloth": ("llama-lora", "llama", {}, True),
     "base-abs-path-missing": ("llama-lora", "llama", {"set_base": "fixtures/bases/llama"}, True),
+    "base-windows-path": ("llama-lora", "llama", {"set_base": "fixtures/bases/llama"}, True),
+    "base-bnb-4bit": ("llama-lora", "llama", {"set_base": "fixtures/bases/llama"}, True),
+    "base-none": ("llama-lora", "llama", {"set_base": "fixtures/bases/llama", "only": frozenset({"ADC307"})}, True),
     "keys-vlm-old-paths": ("v4/llava-lora", "llava", {"target_peft": "0.15.2"}, True),
     "values-fp32": ("llama-lora", "llama", {"only": frozenset({"ADC704"}), "dtype": "bf16"}, True),
 }
@@ -91,3 +94,14 @@ def test_v5_moe_adapter_split_per_expert_for_transformers_4(tmp_path):
     assert missing == [] and unexpected == []
     original, _, _ = peft_logits(healthy("qwen3moe-v5-target-parameters"), BASES / "qwen3_moe")
     assert torch.allclose(logits, original, rtol=0, atol=1e-5)
+
+
+def test_vlm_paths_round_trip_through_the_old_layout(tmp_path):
+    from adapter_doctor.fixers.tensors import read_tensors
+
+    old, _ = _fixed(tmp_path / "old", healthy("v4/llava-lora"), {"target_transformers": "4.51.3"})
+    back, _ = _fixed(tmp_path / "new", old, {"target_peft": "0.15.2"})
+    original, _ = read_tensors(healthy("v4/llava-lora") / "adapter_model.safetensors")
+    restored, _ = read_tensors(back / "adapter_model.safetensors")
+    assert {n: (t.shape, t.data) for n, t in restored.items()} == {n: (t.shape, t.data) for n, t in original.items()}
+    assert torch.equal(peft_logits(back, BASES / "llava")[0], peft_logits(healthy("v4/llava-lora"), BASES / "llava")[0])
