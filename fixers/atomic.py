@@ -19,7 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 Writer = Callable[[Path], None]  # writes one new file at the given path (and fsyncs it)
 BACKUP_DIR = ".doctor-backup"
@@ -62,6 +63,20 @@ def _exchange(a: Path, b: Path) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise FixWriteError(f"cannot swap {a} atomically: {os.strerror(err)}; use --out DIR instead of --inplace")
+
+
+@contextmanager
+def _all_or_nothing(where: str, cleanup: Callable[[], None]) -> Iterator[None]:
+    """On any failure, undo what was built (`cleanup`) and say in one line what went wrong."""
+    try:
+        yield
+    except OSError as exc:
+        cleanup()
+        detail = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise FixWriteError(f"could not write {where}: {detail}; the original is unchanged") from None
+    except BaseException:
+        cleanup()
+        raise
 
 
 def stamp() -> str:
@@ -114,7 +129,13 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
     backup_rel = Path(BACKUP_DIR) / stamp()
     linked = {n for n in writers if (root / n).is_symlink()}
     pending: dict[str, tuple[Path, Path]] = {}  # symlinked files: (real target, its new content beside it)
-    try:
+
+    def cleanup() -> None:
+        _discard(staging)
+        for _, tmp in pending.values():
+            tmp.unlink(missing_ok=True)
+
+    with _all_or_nothing(f"the fix in {root.parent}", cleanup):
         staging.mkdir()
         shutil.copystat(root, staging)
         _mirror(root, staging, set(writers) | remove)
@@ -146,16 +167,6 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
             fsync_dir(real.parent)
         _exchange(root, staging)
         fsync_dir(root.parent)
-    except OSError as exc:
-        _discard(staging)
-        detail = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise FixWriteError(f"could not write the fix in {root.parent}: {detail}; nothing was changed") from None
-    except BaseException:
-        _discard(staging)
-        raise
-    finally:
-        for _, tmp in pending.values():
-            tmp.unlink(missing_ok=True)
     _discard(staging)  # now holds the old folder, whose files all live on in the new one or its backup
     return root / backup_rel
 
@@ -165,7 +176,7 @@ def write_copy(root: Path, out: Path, writers: dict[str, Writer], remove: set[st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FixWriteError(f"{out} exists and is not empty; choose a new folder for --out")
     staging = out.with_name(f"{STAGING_MARK}{out.name}-{stamp()}")
-    try:
+    with _all_or_nothing(str(out), lambda: _discard(staging)):
         staging.mkdir(parents=True)
         for entry in sorted(root.iterdir()):
             if entry.name in set(writers) | remove or entry.name == BACKUP_DIR:
@@ -182,13 +193,6 @@ def write_copy(root: Path, out: Path, writers: dict[str, Writer], remove: set[st
             out.rmdir()
         os.rename(staging, out)
         fsync_dir(out.parent)
-    except OSError as exc:
-        _discard(staging)
-        detail = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise FixWriteError(f"could not write {out}: {detail}") from None
-    except BaseException:
-        _discard(staging)
-        raise
 
 
 def replace_file(path: Path, write: Writer, guard: Callable[[], None], verify: Callable[[Path], None]) -> Path:
@@ -197,7 +201,7 @@ def replace_file(path: Path, write: Writer, guard: Callable[[], None], verify: C
     _writable(path)
     tmp = real.with_name(f".{real.stem}.doctor-{stamp()}{real.suffix}")
     backup = path.parent / BACKUP_DIR / stamp()
-    try:
+    with _all_or_nothing(str(path), lambda: tmp.unlink(missing_ok=True)):
         write(tmp)
         shutil.copymode(real, tmp)
         verify(tmp)
@@ -207,11 +211,6 @@ def replace_file(path: Path, write: Writer, guard: Callable[[], None], verify: C
         guard()
         os.replace(tmp, real)
         fsync_dir(real.parent)
-    except OSError as exc:
-        detail = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise FixWriteError(f"could not write {path}: {detail}; nothing was changed") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return backup
 
 
@@ -220,15 +219,11 @@ def write_copy_file(path: Path, out: Path, write: Writer, verify: Callable[[Path
     if out.exists():
         raise FixWriteError(f"{out} exists; choose a new file name for --out")
     tmp = out.with_name(f".{out.stem}.doctor-{stamp()}{out.suffix}")
-    try:
+    with _all_or_nothing(str(out), lambda: tmp.unlink(missing_ok=True)):
         write(tmp)
         verify(tmp)
         os.replace(tmp, out)
         fsync_dir(out.parent)
-    except OSError as exc:
-        raise FixWriteError(f"could not write {out}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _discard(path: Path) -> None:

@@ -19,11 +19,11 @@ import re
 
 import numpy as np
 
+from adapter_doctor.adapter_keys import BASE_PREFIX
 from adapter_doctor.base_model import arch_facts, family_of
 
 from .tensors import RawTensor
 
-BASE_PREFIX = "base_model.model."
 _BITS = {"F64": "<u8", "F32": "<u4", "F16": "<u2", "BF16": "<u2"}  # values travel as bits, never through arithmetic
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "fan_in_fan_out": "fan_in_fan_out",
                 "velora_config": "VeLoRA", "kasa_config": "KaSA"}  # PEFT's ParamWrapper rejects each of these
