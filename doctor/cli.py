@@ -64,7 +64,11 @@ def main() -> None:
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Build this base model on CPU (with torch) and inspect what its modules will run.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --model: attach this adapter (trainable, as a resumed run would) before inspecting.")
 @click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Base model folder (config.json, weights optional) to check shapes and module names against.")
 @click.option("--target-peft", metavar="VERSION", callback=_version,
@@ -77,17 +81,28 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show info findings.")
 @click.option("--no-scan", is_flag=True, help="Skip reading tensor data (NaN/zero scans, .bin vs .safetensors).")
-def check(paths: tuple[Path, ...], base: Path | None, target_peft: str | None, target_transformers: str | None,
-          fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], strict: bool, verbose: bool, no_scan: bool) -> None:
+def check(paths: tuple[Path, ...], model_dir: Path | None, adapter: Path | None, base: Path | None,
+          target_peft: str | None, target_transformers: str | None, fmt: str, select: tuple[str, ...],
+          ignore: tuple[str, ...], strict: bool, verbose: bool, no_scan: bool) -> None:
     """Inspect saved adapters: folders, adapter_config.json files, Trainer checkpoints.
 
     PATHS may be adapter folders, adapter_config.json files, checkpoint-N folders, or folders holding several
-    named adapters. Nothing is imported from torch, transformers or peft.
+    named adapters. Nothing is imported from torch, transformers or peft. With --model, the base model is
+    built on CPU (this needs the [torch] extra) and its modules are inspected as they would run.
     """
     from .diagnose import Options
 
+    if not paths and model_dir is None:
+        raise click.UsageError("give adapter PATHS, or --model BASE_DIR")
+    if adapter is not None and model_dir is None:
+        raise click.UsageError("--adapter needs --model")
     options = Options(base, target_peft, target_transformers, _ids(select), _ids(ignore), not no_scan)
     report, env = _run(paths, options, progress=fmt == "rich")
+    if model_dir is not None:
+        from .live import inspect_saved_model
+
+        live = inspect_saved_model(model_dir, adapter)
+        report.targets += [_filtered(t, options) for t in live.targets]
     threshold = Severity.WARNING if strict else Severity.ERROR
     if fmt == "json":
         from .render.json_report import to_json
@@ -106,6 +121,13 @@ def check(paths: tuple[Path, ...], base: Path | None, target_peft: str | None, t
             console.print()
         console.print(summary(report, verbose))
     sys.exit(report.exit_code(threshold))
+
+
+def _filtered(target, options):
+    from .finding import filter_findings
+
+    target.findings = filter_findings(target.findings, options.select, options.ignore)
+    return target
 
 
 def _run(paths: tuple[Path, ...], options, progress: bool):

@@ -28,6 +28,8 @@ MODULES = (
     "values",
     "training_state",
     "environment",
+    "provenance",
+    "patch",
 )
 
 

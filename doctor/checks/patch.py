@@ -1,0 +1,49 @@
+"""patch: what a live model will run (registered here so `doctor list-checks` and `explain` know them;
+`adapter_doctor.live.inspect_model` produces the findings)."""
+from __future__ import annotations
+
+from ..finding import Severity
+from . import Check, register
+
+CAT = "patch"
+BROKEN = Check(
+    "ADC901", CAT, Severity.ERROR, "A patched forward needs attributes these modules lack",
+    "A fast runtime replaced this class's forward for every instance in the process, but gave only the instances "
+    "it loaded itself the attributes that forward reads (Unsloth's `apply_qkv`, `apply_o`). Any other instance of "
+    "the class, e.g. one loaded with AutoModelForCausalLM + PeftModel.from_pretrained, raises AttributeError on its "
+    "first forward.", manual="Call adapter_doctor.ensure_patched(model), or load with adapter_doctor.runtime.load().")
+FALLBACK = Check(
+    "ADC902", CAT, Severity.WARNING, "A foreign patched forward will fall back",
+    "Another runtime's forward is active on these modules and looks for attributes they lack, but guards the "
+    "lookup (getattr with a default, hasattr): it runs, on its slower fallback path.",
+    manual="Call adapter_doctor.ensure_patched(model) for the patched path, or load the model in a fresh process.")
+FOREIGN = Check(
+    "ADC903", CAT, Severity.INFO, "Forward replaced by another runtime",
+    "The forward that runs is not the one the class's own library defines. It has everything it needs; this says "
+    "who patched it.")
+MIXED = Check(
+    "ADC904", CAT, Severity.WARNING, "Patched and unpatched layers of the same type",
+    "Some instances of a module type run a patched forward and others their library's own: usually a model half "
+    "patched by a loader that stopped early, or patched before extra layers were added.",
+    manual="Call adapter_doctor.ensure_patched(model) to patch all of them.")
+OURS = Check(
+    "ADC905", CAT, Severity.INFO, "Patched by adapter-doctor",
+    "These modules run adapter-doctor's implementation; the marker records the package version and kernel set.")
+FROZEN = Check(
+    "ADC906", CAT, Severity.WARNING, "Training mode with a frozen adapter",
+    "PeftModel.from_pretrained loads adapters frozen unless is_trainable=True. The model is in training mode but no "
+    "LoRA parameter requires a gradient, so training changes nothing.",
+    manual="Load with PeftModel.from_pretrained(..., is_trainable=True) or adapter_doctor.runtime.load().")
+DTYPE = Check(
+    "ADC907", CAT, Severity.INFO, "LoRA weights in another dtype than the base",
+    "PEFT upcasts adapter weights to fp32 by default (autocast_adapter_dtype), which costs memory and a cast per "
+    "step on a bf16 base; fp16 LoRA on a bf16 base can overflow.")
+REENTRANT = Check(
+    "ADC908", CAT, Severity.WARNING, "Reentrant gradient checkpointing on the patched path",
+    "The patched path recomputes with non-reentrant checkpointing; the reentrant mode needs inputs that require "
+    "grad and drops keyword arguments.",
+    manual="model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+UNSUPPORTED = Check(
+    "ADC909", CAT, Severity.INFO, "No patched implementation for this architecture",
+    "adapter-doctor's runtime has no spec for this model type; the model runs as its library defines it.")
+register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED)

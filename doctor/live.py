@@ -1,0 +1,120 @@
+"""inspect_model: findings about a live model (what each module will run, and what that needs)."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from .checks.patch import BROKEN, DTYPE, FALLBACK, FOREIGN, FROZEN, MIXED, OURS, REENTRANT, UNSUPPORTED
+from .finding import Finding, Report, Severity, TargetReport
+
+
+def inspect_model(model: Any) -> Report:
+    """Report, before anything runs, modules whose forward will fail or is not their library's own."""
+    from adapter_doctor.runtime import introspect, specs
+
+    label = type(model).__name__
+    states = introspect.scan(model)
+    findings = _forward_findings(states) + _mixed(model, states, introspect)
+    findings += _training_findings(model)
+    model_type = _model_type(model)
+    if model_type and not specs.supported(model_type):
+        findings.append(UNSUPPORTED.finding(f"model_type {model_type!r}: ensure_patched leaves it as it is", label))
+    return Report([TargetReport(label, "model", findings)])
+
+
+def _forward_findings(states: list) -> list[Finding]:
+    groups: dict[tuple, list] = defaultdict(list)
+    for s in states:
+        groups[(s.cls, s.origin, s.patcher, s.missing, s.missing_guarded)].append(s)
+    out = []
+    for (cls, origin, patcher, missing, guarded), members in groups.items():
+        first = members[0]
+        where = f"{len(members)} {cls} module(s), e.g. {first.path or '(root)'}"
+        func = getattr(first.forward, "__qualname__", "?")
+        how = f"{func} from {getattr(first.forward, '__module__', '?')} ({origin.replace('-', ' ')} by {patcher})"
+        if origin == "ours":
+            out.append(OURS.finding(f"{where}: {first.marker}", first.path))
+        elif missing:
+            attrs = ", ".join(f"self.{a}" for a in sorted(missing))
+            out.append(BROKEN.finding(f"{where} run {how}, which reads {attrs}; these instances lack "
+                                      f"{'it' if len(missing) == 1 else 'them'}, so the first forward raises "
+                                      f"AttributeError: '{cls}' object has no attribute '{sorted(missing)[0]}'",
+                                      first.path, title=f"{cls}: patched forward needs {', '.join(sorted(missing))}"))
+        elif guarded:
+            out.append(FALLBACK.finding(f"{where} run {how}; it looks for {', '.join(sorted(guarded))}, which these "
+                                        "instances lack, and falls back", first.path))
+        else:
+            out.append(FOREIGN.finding(f"{where} run {how}", first.path))
+    return out
+
+
+def _mixed(model: Any, states: list, introspect: Any) -> list[Finding]:
+    patched = Counter(s.cls for s in states)
+    total = Counter(introspect.library_class(m).__name__ for m in model.modules())
+    return [MIXED.finding(f"{patched[cls]} of {total[cls]} {cls} modules run a patched forward; the rest their own",
+                          cls) for cls in sorted(patched) if patched[cls] < total[cls]]
+
+
+def _model_type(model: Any) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _training_findings(model: Any) -> list[Finding]:
+    out = []
+    label = type(model).__name__
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    base = next((p for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()), None)
+    if lora and model.training and not any(p.requires_grad for _, p in lora):
+        out.append(FROZEN.finding(f"{len(lora)} LoRA parameters, none requires grad, and model.training is True", label))
+    dtypes = Counter(str(p.dtype).removeprefix("torch.") for _, p in lora)
+    if lora and base is not None and set(dtypes) != {str(base.dtype).removeprefix("torch.")}:
+        base_dtype = str(base.dtype).removeprefix("torch.")
+        risky = "float16" in dtypes and base_dtype == "bfloat16"
+        out.append(DTYPE.finding(f"LoRA weights are {', '.join(sorted(dtypes))}; the base is {base_dtype}", label,
+                                 severity=Severity.WARNING if risky else Severity.INFO))
+    if _reentrant_checkpointing(model) and any(getattr(m, "_adapter_doctor_patch", None) for m in model.modules()):
+        out.append(REENTRANT.finding("gradient checkpointing uses use_reentrant=True on patched layers", label))
+    return out
+
+
+def _reentrant_checkpointing(model: Any) -> bool:
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
+def inspect_saved_model(model_dir, adapter=None) -> Report:
+    """Build the model in `model_dir` on CPU (weights on the meta device where possible), attach `adapter`
+    trainable, and inspect it. A model that cannot be built is reported as an unreadable target."""
+    label = str(model_dir) + (f" + {adapter}" if adapter else "")
+    try:
+        model = _build(model_dir, adapter)
+    except Exception as exc:  # noqa: BLE001 - any failure to build is the user's answer, in one line
+        return Report([TargetReport(label, "model", error=f"cannot build the model: {type(exc).__name__}: {exc}")])
+    report = inspect_model(model)
+    report.targets[0].path = label
+    return report
+
+
+def _build(model_dir, adapter):
+    import warnings
+
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the CLI reports; library chatter would bury it
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if adapter is None:
+        with torch.device("meta"):  # the module tree is all inspection needs
+            return transformers.AutoModelForCausalLM.from_config(config)
+    from peft import PeftModel
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    peft_model.train()
+    return peft_model

@@ -1,0 +1,78 @@
+"""The patched self-attention shared by Llama, Mistral, Qwen2/3 and Gemma/Gemma2.
+
+q/k/v/o go through the fused LoRA path when eligible, RoPE through the kernel set; the attention itself is
+the model's configured function (eager, sdpa, flash...), as the library calls it. The two transformers lines
+differ in how the cache arrives (`past_key_value(s)` on 4.x, `cache` on 5.x) and how it is updated; both are
+read from the objects at hand rather than from a version number.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from .context import Context
+from .projection import project
+
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embeddings: Any = None,
+                      attention_mask: Any = None, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    named = [kwargs.pop(name, None) for name in _CACHE_NAMES]  # every spelling leaves kwargs
+    cache = next((c for c in (args[0] if args else None, *named) if c is not None), None)
+    cache_position = kwargs.pop("cache_position", args[1] if len(args) > 1 else None)
+    opts, kernels = ctx.options, ctx.kernels
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = project(self.q_proj, hidden_states, kernels).view(hidden_shape)
+    key = project(self.k_proj, hidden_states, kernels).view(hidden_shape)
+    value = project(self.v_proj, hidden_states, kernels).view(hidden_shape).transpose(1, 2)
+    if opts.qk_norm:
+        query, key = self.q_norm(query), self.k_norm(key)
+    cos, sin = position_embeddings
+    query, key = kernels.rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+
+    if cache is not None:
+        key, value = update_cache(cache, key, value, self.layer_idx, sin, cos, cache_position, kwargs)
+
+    interface = attention_interface(self.config._attn_implementation, ctx.eager_attention)
+    extra = {name: _read(self, attr) for name, attr in opts.interface_kwargs}
+    output, weights = interface(self, query, key, value, attention_mask,
+                                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                                **extra, **kwargs)
+    output = output.reshape(*input_shape, -1).contiguous()
+    return project(self.o_proj, output, kernels), weights
+
+
+def _read(module: Any, attr: str) -> Any:
+    if attr.startswith("config."):
+        return getattr(module.config, attr.removeprefix("config."), None)
+    return getattr(module, attr)
+
+
+@functools.cache
+def _takes_cache_kwargs(cache_type: type) -> bool:
+    # 4.x caches take a cache_kwargs dict (sin, cos, cache_position); 5.x ones take the call's kwargs.
+    try:
+        return "cache_kwargs" in inspect.signature(cache_type.update).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def update_cache(cache: Any, key: Any, value: Any, layer_idx: int, sin: Any, cos: Any, cache_position: Any,
+                 kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    if _takes_cache_kwargs(type(cache)):
+        return cache.update(key, value, layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
+    return cache.update(key, value, layer_idx, kwargs=kwargs)
+
+
+def attention_interface(implementation: str | None, eager: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The attention function the library would call for `implementation`, `eager` being its own fallback."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get_interface is not None:
+        return get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]

@@ -1,0 +1,55 @@
+"""What a patched forward knows besides `self`: its options, the kernel set, and the library's conventions.
+
+Built once per generated class from the library class it replaces, so the per-call code reads plain fields
+instead of inspecting signatures or versions.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Context:
+    options: Any  # the spec's options (runtime.options)
+    kernels: Any  # adapter_doctor.kernels.KernelSet
+    library: type  # the transformers class whose forward ours replaces
+    positional: tuple[str, ...]  # its forward's parameter names after self, for positional calls
+    returns_tuple: bool  # its forward returns (hidden_states, ...) rather than a tensor (gemma2 on 4.x)
+    eager_attention: Callable[..., Any] | None  # its module's eager attention, the fallback interface
+
+
+def _library_forward(library: type) -> Callable[..., Any]:
+    return inspect.unwrap(library.__dict__.get("forward", library.forward))
+
+
+@functools.cache
+def context_for(library: type, options: Any, kernels: Any) -> Context:
+    forward = _library_forward(library)
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        signature = None
+    positional: tuple[str, ...] = ()
+    returns_tuple = False
+    if signature is not None:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        positional = tuple(p.name for p in signature.parameters.values() if p.kind in kinds)[1:]
+        annotation = signature.return_annotation
+        returns_tuple = annotation is tuple or typing.get_origin(annotation) is tuple
+    eager = getattr(sys.modules.get(library.__module__), "eager_attention_forward", None)
+    return Context(options, kernels, library, positional, returns_tuple, eager)
+
+
+def named_arguments(ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` plus positional `args` named as the library's forward names them (after hidden_states)."""
+    if not args:
+        return kwargs
+    names = ctx.positional[1:]
+    if len(args) > len(names):
+        raise TypeError(f"{ctx.library.__name__}.forward takes {len(names) + 1} positional arguments")
+    return {**dict(zip(names, args)), **kwargs}

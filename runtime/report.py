@@ -1,0 +1,87 @@
+"""PatchReport: what ensure_patched did to each module, as plain data (doctor/live.py turns it into findings)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+PATCHED, REPAIRED, ALREADY, SKIPPED, UNSUPPORTED, BROKEN = (
+    "patched", "repaired", "already patched", "skipped", "unsupported", "broken")
+
+
+@dataclass
+class ModuleAction:
+    path: str  # "" is the model itself
+    module_type: str  # the library class name
+    action: str  # one of the constants above
+    reason: str = ""  # why skipped / unsupported / broken; for repaired, what was missing
+    implementation: str = ""
+    replaced: str = ""  # the foreign forward ours replaced, as module.qualname
+
+
+@dataclass
+class Fallback:
+    path: str  # the projection, e.g. model.layers.0.self_attn.q_proj
+    reason: str  # why it runs as PEFT runs it instead of the fused kernel
+
+
+class PatchError(RuntimeError):
+    """strict=True and something supported was left unpatched or broken; `report` says what."""
+
+    def __init__(self, report: PatchReport) -> None:
+        super().__init__("; ".join(report.failures))
+        self.report = report
+
+
+@dataclass
+class PatchReport:
+    model_type: str | None
+    kernels: str
+    version: str
+    strict: bool = False
+    modules: list[ModuleAction] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+    def _with(self, action: str) -> list[ModuleAction]:
+        return [m for m in self.modules if m.action == action]
+
+    @property
+    def supported(self) -> bool:
+        return not self._with(UNSUPPORTED)
+
+    @property
+    def patched(self) -> list[ModuleAction]:
+        return self._with(PATCHED)
+
+    @property
+    def repaired(self) -> list[ModuleAction]:
+        return self._with(REPAIRED)
+
+    @property
+    def already_patched(self) -> list[ModuleAction]:
+        return self._with(ALREADY)
+
+    @property
+    def skipped(self) -> list[ModuleAction]:
+        return self._with(SKIPPED)
+
+    @property
+    def broken(self) -> list[ModuleAction]:
+        return self._with(BROKEN)
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """module type -> action -> how many."""
+        out: dict[str, Counter] = {}
+        for m in self.modules:
+            out.setdefault(m.module_type, Counter())[m.action] += 1
+        return {kind: dict(c) for kind, c in sorted(out.items())}
+
+    @property
+    def failures(self) -> list[str]:
+        """What strict=True refuses: an unsupported model, supported modules left unpatched, broken modules."""
+        return [f"{m.path or '(model)'} ({m.module_type}): {m.action}{': ' + m.reason if m.reason else ''}"
+                for m in self.modules if m.action in (SKIPPED, UNSUPPORTED, BROKEN)]
+
+    @property
+    def changed(self) -> int:
+        return len(self.patched) + len(self.repaired)

@@ -1,0 +1,58 @@
+"""save_adapter: plain PEFT files, with provenance in the safetensors header."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .provenance import Provenance, base_fields, fingerprint
+
+_BASE_PREFIX = "base_model.model."
+
+
+def adapted_modules(model: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every module a LoRA layer wraps, by its path in the base model."""
+    out = {}
+    for path, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if hasattr(module, "lora_A") and hasattr(module, "in_features") and base is not None and hasattr(base, "weight"):
+            out[path.removeprefix(_BASE_PREFIX)] = (int(module.in_features), int(module.out_features))
+    return out
+
+
+def provenance(model: Any, max_seq_length: int | None = None) -> Provenance:
+    import peft
+    import torch
+    import transformers
+
+    config = model.get_base_model().config.to_dict() if hasattr(model, "get_base_model") else model.config.to_dict()
+    markers = [(type(m).__mro__[1].__name__, getattr(m, "_adapter_doctor_patch", None)) for m in model.modules()]
+    patched = [(cls, marker) for cls, marker in markers if marker is not None]
+    patch_set = {"kernels": sorted({str(getattr(marker, "kernels", marker)) for _, marker in patched}),
+                 "modules": dict(sorted(Counter(cls for cls, _ in patched).items()))}
+    length = max_seq_length if max_seq_length is not None else getattr(model, "max_seq_length", None)
+    return Provenance(
+        runtime=metadata.version("adapter-doctor"),
+        versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        patch_set=patch_set,
+        max_seq_length=int(length) if length is not None else None,
+        base_fingerprint=fingerprint(config, adapted_modules(model)),
+        base_config=base_fields(config),
+    )
+
+
+def save_adapter(model: Any, directory: str | os.PathLike[str], *, max_seq_length: int | None = None) -> Path:
+    """Save like `PeftModel.save_pretrained`, adding provenance to each weights file's `__metadata__`."""
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    model.save_pretrained(str(directory))
+    meta = {"format": "pt", **provenance(model, max_seq_length).to_metadata()}
+    for name in model.peft_config:  # PEFT saves a non-default adapter in <dir>/<name>/
+        weights = (directory if name == "default" else directory / name) / "adapter_model.safetensors"
+        tmp = weights.with_name(f".{weights.name}.tmp")
+        save_file(load_file(str(weights)), str(tmp), metadata=meta)
+        os.replace(tmp, weights)  # a crash leaves PEFT's own file, never half of ours
+    return directory

@@ -1,0 +1,89 @@
+"""inspect_model on live models: foreign patches, frozen adapters, dtypes, checkpointing, unsupported types."""
+import torch
+import transformers
+from click.testing import CliRunner
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import foreign_runtime
+from adapter_doctor import ensure_patched, inspect_model
+from adapter_doctor.cli import main
+from conftest import FIXTURES
+
+
+def tiny(model_type: str = "llama"):
+    torch.manual_seed(0)
+    if model_type == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64)
+    return transformers.LlamaForCausalLM(config)
+
+
+def ids(report):
+    return {f.id for f in report.findings}
+
+
+def test_a_plain_model_has_nothing_to_report():
+    assert ids(inspect_model(tiny())) == set()
+
+
+def test_guarded_foreign_forward_is_a_warning_and_half_patched_models_are_named():
+    model = tiny()
+    layer = model.model.layers[0].self_attn
+
+    def defensive(self, hidden_states, *args, **kwargs):
+        qkv = getattr(self, "apply_qkv", foreign_runtime.original_apply_qkv)
+        return qkv(self, hidden_states)
+
+    layer.forward = defensive.__get__(layer)  # an instance-level patch on one of two layers
+    found = {f.id: f for f in inspect_model(model).findings}
+    assert "ADC902" in found and "apply_qkv" in found["ADC902"].message
+    assert "1 of 2 LlamaAttention" in found["ADC904"].message
+
+
+def test_class_level_patch_missing_attributes_is_an_error():
+    with foreign_runtime.patched_classes():
+        model = tiny()
+        (finding,) = [f for f in inspect_model(model).findings if f.id == "ADC901"]
+        assert "apply_qkv" in finding.message and "foreign_runtime" in finding.message
+        foreign_runtime.attach(model)
+        assert "ADC901" not in ids(inspect_model(model))
+        assert "ADC903" in ids(inspect_model(model))  # patched, and complete
+
+
+def test_frozen_adapter_in_training_mode(tmp_path):
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    frozen = PeftModel.from_pretrained(tiny(), str(tmp_path / "a"))  # is_trainable defaults to False
+    frozen.train()
+    assert "ADC906" in ids(inspect_model(frozen))
+    trainable = PeftModel.from_pretrained(tiny(), str(tmp_path / "a"), is_trainable=True)
+    trainable.train()
+    assert "ADC906" not in ids(inspect_model(trainable))
+
+
+def test_lora_dtype_against_the_base():
+    model = get_peft_model(tiny().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    found = {f.id: f for f in inspect_model(model).findings}
+    assert "float32" in found["ADC907"].message and "bfloat16" in found["ADC907"].message
+
+
+def test_our_patch_is_reported_with_its_marker_and_reentrant_checkpointing_warned():
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ensure_patched(model)
+    assert "ADC905" in ids(inspect_model(model)) and "ADC901" not in ids(inspect_model(model))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    assert "ADC908" in ids(inspect_model(model))
+
+
+def test_unsupported_model_type_is_info():
+    assert "ADC909" in ids(inspect_model(tiny("gpt2")))
+
+
+def test_cli_model_and_adapter():
+    result = CliRunner().invoke(main, ["check", "--format", "json", "--model", str(FIXTURES / "bases" / "llama"),
+                                       "--adapter", str(FIXTURES / "healthy" / "llama-lora")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["check", "--model", str(FIXTURES / "bases" / "gpt2"), "-v"])
+    assert "ADC909" in result.output

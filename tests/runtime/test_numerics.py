@@ -1,0 +1,127 @@
+"""Patched against unpatched, on every supported architecture: logits, loss and every LoRA gradient.
+
+Tolerances: logits and loss 1e-5, gradients 1e-4, each relative to the tensor's largest magnitude (fp32).
+"""
+import pytest
+import torch
+
+from adapter_doctor.runtime import ensure_patched, unpatch
+
+LOGITS, GRADS = 1e-5, 1e-4
+
+
+def compare(tiny, model, ids, check_patched=True):
+    expected = tiny.run(model, ids)
+    report = ensure_patched(model)
+    if check_patched:
+        assert report.changed and not report.failures, report.failures
+    got = tiny.run(model, ids)
+    assert tiny.rel(got[0], expected[0]) <= LOGITS
+    assert tiny.rel(got[1], expected[1]) <= LOGITS
+    assert got[2].keys() == expected[2].keys() and got[2]
+    worst = max(tiny.rel(got[2][n], expected[2][n]) for n in expected[2])
+    assert worst <= GRADS, worst
+    return report
+
+
+def test_lora_all_linear(tiny, arch_attn):
+    arch, attn = arch_attn
+    model = tiny.lora(tiny.base(arch, attn))
+    report = compare(tiny, model, tiny.batch())
+    assert set(report.counts) == {f"{p}{kind}" for p in [type(model.get_base_model()).__name__.removesuffix("ForCausalLM")]
+                                  for kind in ("Attention", "MLP", "RMSNorm", "DecoderLayer")}
+    assert not report.fallbacks
+
+
+def test_lora_with_lm_head_in_modules_to_save(tiny, arch):
+    attn = "eager"
+    model = tiny.lora(tiny.base(arch, attn), modules_to_save=["lm_head"])
+    compare(tiny, model, tiny.batch())
+
+
+def test_gradient_checkpointing_non_reentrant(tiny, arch):
+    model = tiny.lora(tiny.base(arch))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compare(tiny, model, tiny.batch())
+
+
+def test_greedy_generation_with_cache(tiny, arch):
+    model = tiny.lora(tiny.base(arch))
+    model.eval()
+    prompt = tiny.batch(rows=2, length=5)
+    settings = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(input_ids=prompt, **settings)
+        ensure_patched(model)
+        got = model.generate(input_ids=prompt, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        assert tiny.rel(a, b) <= LOGITS
+
+
+def test_bare_transformers_model(tiny, arch):
+    model = tiny.base(arch)
+    for p in model.parameters():
+        p.requires_grad_(p.dim() == 1)  # gradients for the norms: the path the patched RMSNorm computes
+    ids = tiny.batch()
+    expected = tiny.run(model, ids, grad_of="norm")
+    assert ensure_patched(model).changed
+    got = tiny.run(model, ids, grad_of="norm")
+    assert tiny.rel(got[0], expected[0]) <= LOGITS
+    assert max(tiny.rel(got[2][n], expected[2][n]) for n in expected[2]) <= GRADS
+
+
+def test_peft_from_pretrained_trainable(tiny, arch, tmp_path):
+    from peft import PeftModel
+
+    tiny.base(arch).save_pretrained(tmp_path / "base")
+    tiny.lora(tiny.base(arch)).save_pretrained(tmp_path / "adapter")
+    base = type(tiny.base(arch)).from_pretrained(tmp_path / "base", attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True)
+    compare(tiny, model, tiny.batch())
+
+
+def counting_kernels(calls: dict):
+    from dataclasses import replace
+
+    from adapter_doctor.kernels import TORCH
+
+    def counted(name):
+        fn = getattr(TORCH, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    return replace(TORCH, name="counting", **{n: counted(n) for n in ("rms_norm", "rope", "swiglu", "geglu",
+                                                                    "lora_linear")})
+
+
+def test_the_fused_kernels_are_the_ones_that_run(tiny, arch):
+    calls = {}
+    model = tiny.lora(tiny.base(arch))
+    report = ensure_patched(model, kernels=counting_kernels(calls))
+    assert report.kernels == "counting"
+    model(input_ids=tiny.batch())
+    layers = model.get_base_model().config.num_hidden_layers
+    norms_per_layer = 4 if arch == "gemma2" else 2
+    assert calls["lora_linear"] == 7 * layers
+    assert calls["rope"] == layers
+    assert calls["rms_norm"] == norms_per_layer * layers + 1 + (2 * layers if arch == "qwen3" else 0)
+    activation = "geglu" if arch.startswith("gemma") else "swiglu"
+    assert calls[activation] == layers
+    unpatch(model)
+
+
+def test_checkpointing_recomputes_the_patched_layers(tiny):
+    calls = {}
+    model = tiny.lora(tiny.base())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ensure_patched(model, kernels=counting_kernels(calls))
+    model.train()
+    loss = model(input_ids=tiny.batch(), labels=tiny.batch()).loss
+    assert calls["rope"] == 2
+    loss.backward()
+    assert calls["rope"] == 4  # each decoder layer ran again, through our forward, for the backward pass
