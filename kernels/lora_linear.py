@@ -53,8 +53,18 @@ def is_lora_linear(module: Any) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(module: Any) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward.
+    return any(getattr(module, name, None) for name in _HOOKS) or "forward" in module.__dict__
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
 
 
 def why_not_fused(module: Any) -> str | None:
@@ -88,8 +98,8 @@ def why_not_fused(module: Any) -> str | None:
         return "lora_bias"
     if not getattr(module, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled"
-    if any(_hooked(m) for m in (module, base, module.lora_A[name], module.lora_B[name])):
-        return "forward hooks"
+    if any(_hooked(m) for m in (module, base, module.lora_A[name], module.lora_B[name])) or _global_hooks():
+        return "module hooks"
     return None
 
 

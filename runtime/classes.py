@@ -28,9 +28,9 @@ class PatchMarker:
 
 
 def _version() -> str:
-    from adapter_doctor import __version__
+    from .provenance import runtime_version
 
-    return __version__
+    return runtime_version()
 
 
 @functools.cache

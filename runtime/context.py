@@ -5,7 +5,6 @@ instead of inspecting signatures or versions.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 import typing
@@ -27,7 +26,6 @@ def _library_forward(library: type) -> Callable[..., Any]:
     return inspect.unwrap(library.__dict__.get("forward", library.forward))
 
 
-@functools.cache
 def context_for(library: type, options: Any, kernels: Any) -> Context:
     forward = _library_forward(library)
     try:

@@ -7,6 +7,7 @@ at our forward so its device hook keeps wrapping it. What was removed or replace
 """
 from __future__ import annotations
 
+import itertools
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,8 @@ def _root(module_name: str | None) -> str:
 
 def model_type_of(model: Any) -> str | None:
     """`config.model_type` of a bare transformers model, a PeftModel, or anything holding one."""
-    configs = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+    modules = model.modules() if hasattr(model, "modules") else iter(())
+    configs = (getattr(m, "config", None) for m in itertools.chain([model], modules))  # lazy: the first one wins
     for config in configs:
         model_type = getattr(config, "model_type", None)
         if isinstance(model_type, str) and model_type:

@@ -49,6 +49,12 @@ def self_reads(func: Callable[..., Any]) -> SelfReads:
     code = getattr(func, "__code__", None)
     if code is None or code.co_argcount == 0:
         return SelfReads(frozenset(), frozenset())
+    return _reads(code)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reads(code: types.CodeType) -> SelfReads:
+    """Per code object: a model has thousands of modules but a handful of distinct forwards."""
     me = code.co_varnames[0]
     direct: set[str] = set()
     with_default: set[str] = set()  # getattr(self, "x", default)

@@ -18,6 +18,13 @@ FINGERPRINT_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hid
                       "num_local_experts", "tie_word_embeddings")
 
 
+def runtime_version() -> str:
+    """This package's version, from its installed metadata (the runtime does not import the doctor)."""
+    from importlib import metadata
+
+    return metadata.version("adapter-doctor")
+
+
 def base_fields(config: dict) -> dict:
     """The fingerprinted fields of a (possibly multimodal) config, from its text config where it has one."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config

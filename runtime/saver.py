@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .provenance import Provenance, base_fields, fingerprint
+from .classes import marker_of
+from .provenance import Provenance, base_fields, fingerprint, runtime_version
 
 _BASE_PREFIX = "base_model.model."
 
@@ -28,13 +28,12 @@ def provenance(model: Any, max_seq_length: int | None = None) -> Provenance:
     import transformers
 
     config = model.get_base_model().config.to_dict() if hasattr(model, "get_base_model") else model.config.to_dict()
-    markers = [(type(m).__mro__[1].__name__, getattr(m, "_adapter_doctor_patch", None)) for m in model.modules()]
-    patched = [(cls, marker) for cls, marker in markers if marker is not None]
-    patch_set = {"kernels": sorted({str(getattr(marker, "kernels", marker)) for _, marker in patched}),
-                 "modules": dict(sorted(Counter(cls for cls, _ in patched).items()))}
+    markers = [marker for m in model.modules() if (marker := marker_of(m)) is not None]
+    patch_set = {"kernels": sorted({marker.kernels for marker in markers}),
+                 "modules": dict(sorted(Counter(marker.original.__name__ for marker in markers).items()))}
     length = max_seq_length if max_seq_length is not None else getattr(model, "max_seq_length", None)
     return Provenance(
-        runtime=metadata.version("adapter-doctor"),
+        runtime=runtime_version(),
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         patch_set=patch_set,
         max_seq_length=int(length) if length is not None else None,

@@ -49,7 +49,8 @@ ARCHITECTURES: dict[str, tuple[ModuleSpec, ...]] = {
     "llama": _decoder_family("Llama"),
     "mistral": _decoder_family("Mistral", attention=AttentionOptions(
         interface_kwargs=(("sliding_window", "config.sliding_window"),))),
-    "qwen2": _decoder_family("Qwen2", attention=AttentionOptions(interface_kwargs=(("sliding_window", "sliding_window"),))),
+    "qwen2": _decoder_family("Qwen2", attention=AttentionOptions(
+        interface_kwargs=(("sliding_window", "sliding_window"),))),
     "qwen3": _decoder_family("Qwen3", attention=AttentionOptions(
         qk_norm=True, interface_kwargs=(("sliding_window", "sliding_window"),))),
     "gemma": _decoder_family("Gemma", norm=GEMMA_NORM),

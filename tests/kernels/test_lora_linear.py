@@ -115,10 +115,12 @@ def test_dynamic_states_are_read_at_every_call():
 
 def test_hooks_keep_the_module_call():
     _, layer = lora_layer()
-    handle = layer.base_layer.register_forward_hook(lambda *a: None)
-    assert why_not_fused(layer) == "forward hooks"
-    handle.remove()
-    assert lora_parts(layer) is not None
+    for register in (layer.base_layer.register_forward_hook, layer.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda *a: None)
+        assert why_not_fused(layer) == "module hooks"
+        handle.remove()
+        assert lora_parts(layer) is not None
 
 
 def test_plain_modules_are_not_lora():

@@ -69,3 +69,14 @@ def test_disabled_adapter_is_followed_at_call_time(tiny):
     unpatch(model)
     with torch.no_grad(), model.disable_adapter():
         assert tiny.rel(base(input_ids=ids).logits, without) <= 1e-5
+
+
+def test_mlp_with_an_activation_no_kernel_computes_is_left_alone(tiny):
+    model = tiny.lora(tiny.base(hidden_act="relu"))
+    ids = tiny.batch()
+    expected = tiny.run(model, ids)
+    report = ensure_patched(model)
+    assert [m.reason for m in report.skipped] == ["activation ReLU has no kernel"] * 2
+    assert report.counts["LlamaMLP"] == {"skipped": 2} and report.counts["LlamaAttention"] == {"patched": 2}
+    got = tiny.run(model, ids)
+    assert tiny.rel(got[0], expected[0]) <= 1e-5

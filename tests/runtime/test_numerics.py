@@ -2,7 +2,6 @@
 
 Tolerances: logits and loss 1e-5, gradients 1e-4, each relative to the tensor's largest magnitude (fp32).
 """
-import pytest
 import torch
 
 from adapter_doctor.runtime import ensure_patched, unpatch
@@ -10,12 +9,11 @@ from adapter_doctor.runtime import ensure_patched, unpatch
 LOGITS, GRADS = 1e-5, 1e-4
 
 
-def compare(tiny, model, ids, check_patched=True):
-    expected = tiny.run(model, ids)
+def compare(tiny, model, ids, grad_of="lora_"):
+    expected = tiny.run(model, ids, grad_of)
     report = ensure_patched(model)
-    if check_patched:
-        assert report.changed and not report.failures, report.failures
-    got = tiny.run(model, ids)
+    assert report.changed and not report.failures, report.failures
+    got = tiny.run(model, ids, grad_of)
     assert tiny.rel(got[0], expected[0]) <= LOGITS
     assert tiny.rel(got[1], expected[1]) <= LOGITS
     assert got[2].keys() == expected[2].keys() and got[2]
@@ -28,15 +26,26 @@ def test_lora_all_linear(tiny, arch_attn):
     arch, attn = arch_attn
     model = tiny.lora(tiny.base(arch, attn))
     report = compare(tiny, model, tiny.batch())
-    assert set(report.counts) == {f"{p}{kind}" for p in [type(model.get_base_model()).__name__.removesuffix("ForCausalLM")]
-                                  for kind in ("Attention", "MLP", "RMSNorm", "DecoderLayer")}
+    prefix = type(model.get_base_model()).__name__.removesuffix("ForCausalLM")
+    assert set(report.counts) == {prefix + kind for kind in ("Attention", "MLP", "RMSNorm", "DecoderLayer")}
     assert not report.fallbacks
 
 
+def test_bf16_base_with_fp32_adapters(tiny, arch):
+    # PEFT's default on a bf16 base: adapter weights upcast to fp32. Tolerance: one bf16 ulp at the largest value.
+    model = tiny.lora(tiny.base(arch).to(torch.bfloat16))
+    ids = tiny.batch()
+    expected = tiny.run(model, ids)
+    assert ensure_patched(model).changed
+    got = tiny.run(model, ids)
+    assert tiny.rel(got[0].float(), expected[0].float()) <= 2**-8
+    assert max(tiny.rel(got[2][n], expected[2][n]) for n in expected[2]) <= 2**-8
+
+
 def test_lora_with_lm_head_in_modules_to_save(tiny, arch):
-    attn = "eager"
-    model = tiny.lora(tiny.base(arch, attn), modules_to_save=["lm_head"])
-    compare(tiny, model, tiny.batch())
+    model = tiny.lora(tiny.base(arch), modules_to_save=["lm_head"])
+    compare(tiny, model, tiny.batch(), grad_of="")  # every trainable parameter, the lm_head copy included
+    assert any("modules_to_save" in n and p.requires_grad for n, p in model.named_parameters())
 
 
 def test_gradient_checkpointing_non_reentrant(tiny, arch):
@@ -125,3 +134,18 @@ def test_checkpointing_recomputes_the_patched_layers(tiny):
     assert calls["rope"] == 2
     loss.backward()
     assert calls["rope"] == 4  # each decoder layer ran again, through our forward, for the backward pass
+
+
+def test_hidden_states_and_attentions_are_still_recorded(tiny, arch):
+    model = tiny.lora(tiny.base(arch))
+    model.eval()
+    ids = tiny.batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+        ensure_patched(model)
+        got = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert len(got.hidden_states) == len(expected.hidden_states) == layers + 1
+    assert len(got.attentions) == len(expected.attentions) == layers
+    for a, b in zip(got.hidden_states + got.attentions, expected.hidden_states + expected.attentions):
+        assert tiny.rel(a, b) <= LOGITS

@@ -1,5 +1,4 @@
 """The spec table against the installed transformers: every row names a real class with what it needs."""
-import pytest
 
 from adapter_doctor.runtime import specs
 from adapter_doctor.runtime.modules import IMPLEMENTATIONS
