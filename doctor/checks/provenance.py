@@ -25,13 +25,21 @@ MAJOR = Check(
 SAVED_BY = Check(
     "ADC311", "base-model", Severity.INFO, "Saved by adapter-doctor's runtime",
     "The weights carry provenance: the runtime and library versions, the patch set and the base fingerprint.")
-register(MISMATCH, CONTEXT, MAJOR, SAVED_BY)
+UNSLOTH = Check(
+    "ADC312", "patch", Severity.INFO, "Saved by Unsloth",
+    "Unsloth marks its adapters with auto_mapping.unsloth_fixed. The files are plain PEFT, but in a process where "
+    "Unsloth's loader has run, its class-level patches break models loaded any other way (AttributeError: ... "
+    "'apply_qkv'). Reload it with adapter_doctor.runtime.load(), or call ensure_patched(model) after loading.")
+register(MISMATCH, CONTEXT, MAJOR, SAVED_BY, UNSLOTH)
 
 
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
     from adapter_doctor.runtime.provenance import Provenance, base_fields, fingerprint  # torch-free
 
+    auto = (ctx.artifact.config or {}).get("auto_mapping")
+    if isinstance(auto, dict) and auto.get("unsloth_fixed"):
+        yield UNSLOTH.finding("auto_mapping.unsloth_fixed is true", ctx.config_file("auto_mapping"))
     primary = ctx.artifact.primary_weights
     prov = Provenance.from_metadata(primary.header.metadata if primary and primary.header else None)
     if prov is None:

@@ -95,3 +95,9 @@ def test_target_note_says_where_the_version_came_from():
 def test_future_stamp():
     (finding,) = _by_id(check(broken("config-stamp-future")))["ADC205"]
     assert "saved by PEFT 0.99.0" in finding.message
+
+
+def test_unsloth_saved_adapters_are_named():
+    (finding,) = _by_id(check(broken("config-unsloth-trimmed")))["ADC312"]
+    assert finding.severity is Severity.INFO and "unsloth_fixed" in finding.message
+    assert "ADC312" not in _by_id(check(healthy("llama-lora")))
