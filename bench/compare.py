@@ -1,0 +1,87 @@
+"""HF+PEFT, HF+PEFT+Liger and ours, side by side on one GPU: each configuration in its own process.
+
+    python bench/compare.py [--sizes 1b,3b,8b] [--seq 2048] [--bs 4] [--longest] [--out results.json]
+
+For every size it runs `bench/train_bench.py` once per variant (Liger only when `liger_kernel` imports),
+HF and Liger with gradient checkpointing as their users run them at these sizes, ours with its own memory
+plan, then prints a table with tokens/s, peak memory, MFU and ratios to HF+PEFT, and writes the JSON.
+`--longest` also finds, for 8B at batch 1, the longest sequence each variant trains (doubling until it runs
+out of memory).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(size: str, variant: str, seq: int, bs: int, gc: bool, steps: int = 10, warmup: int = 3) -> dict:
+    cmd = [sys.executable, str(HERE / "train_bench.py"), "--size", size, "--variant", variant, "--seq", str(seq),
+           "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup)] + (["--gc"] if gc else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
+        return {"size": size, "variant": variant, "seq": seq, "bs": bs, "gc": gc,
+                "error": "out of memory" if oom else done.stderr.strip().splitlines()[-1:]}
+    return json.loads(lines[-1])
+
+
+def variants() -> list[tuple[str, bool]]:
+    """(variant, gradient checkpointing) pairs to run."""
+    out = [("hf", True), ("ours", False), ("ours", True)]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        out.insert(1, ("liger", True))
+    return out
+
+
+def longest(variant: str, gc: bool, start: int = 4096, limit: int = 262144) -> dict:
+    best, seq = None, start
+    while seq <= limit:
+        result = run("8b", variant, seq, 1, gc, steps=1, warmup=1)
+        if "error" in result:
+            return {"variant": variant, "gc": gc, "longest": best, "first_failure": seq}
+        best, seq = result, seq * 2
+    return {"variant": variant, "gc": gc, "longest": best, "first_failure": None}
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| size | variant | gc | tok/s | peak GiB | MFU | vs HF+PEFT |", "|---|---|---|---|---|---|---|"]
+    base = {r["size"]: r["tok_s"] for r in results if r["variant"] == "hf" and "tok_s" in r}
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['size']} | {r['variant']} | {r['gc']} | {r['error']} | | | |")
+            continue
+        ratio = r["tok_s"] / base[r["size"]] if base.get(r["size"]) else float("nan")
+        rows.append(f"| {r['size']} | {r['variant']} | {r['gc']} | {r['tok_s']:,} | {r['peak_gib']} | "
+                    f"{r['mfu']:.1%} | {ratio:.2f}x |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1b,3b,8b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--bs", type=int, default=4)
+    parser.add_argument("--longest", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args()
+    results = [run(size, variant, args.seq, args.bs, gc) for size in args.sizes.split(",") for variant, gc in variants()]
+    report: dict = {"results": results}
+    if args.longest:
+        report["longest"] = [longest(variant, gc) for variant, gc in variants()]
+    args.out.write_text(json.dumps(report, indent=1))
+    print(table(results))
+    for entry in report.get("longest", []):
+        best = entry["longest"] or {}
+        print(f"longest 8b bs1 {entry['variant']} gc={entry['gc']}: {best.get('seq')} "
+              f"({best.get('peak_gib')} GiB, {best.get('tok_s')} tok/s); first failure {entry['first_failure']}")
+
+
+if __name__ == "__main__":
+    main()
