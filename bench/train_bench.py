@@ -73,15 +73,17 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config = build(args.size, args.variant, device)
-    if args.gc:
+    patched = None
+    if args.variant == "ours":
+        from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
+
+        patched = ensure_patched(model).kernels
+        if args.gc:  # ours checkpoints with the layer inputs offloaded to pinned host memory
+            enable_offloaded_checkpointing(model)
+    elif args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    patched = None
-    if args.variant == "ours":
-        from adapter_doctor import ensure_patched
-
-        patched = ensure_patched(model).kernels
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (args.bs, args.seq), device=device)
 

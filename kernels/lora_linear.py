@@ -1,5 +1,13 @@
 """LoRA linear: y = x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ, without ever forming W + s·B·A.
 
+The fused path computes several projections of one input (q/k/v, gate/up) in one autograd Function: one GEMM
+of x with the A's stacked, and what it saves is x, once, plus the rank-r products x·Aᵀ; never a copy of x per
+projection, nor the fp32 copy of x that PEFT's order makes for fp32 adapters on a bf16 base. Every GEMM is
+cuBLAS, and the scaled low-rank term is added into the base output by addmm (its beta=1 epilogue), so there is
+no Triton kernel here. Backward computes dx (summed over the projections in one buffer), dA and dB; W is
+frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype; adapter gradients are
+accumulated in fp32 and returned in the adapters' dtype.
+
 `lora_parts` reads the pieces out of a PEFT `lora.Linear`, or says why that layer must run as PEFT runs it
 (dropout, DoRA and other variants, a LoRA bias, several active adapters, a merged or disabled adapter,
 hooks that a direct call would skip). Eligibility is read at every call: adapters are enabled, disabled,
@@ -8,7 +16,9 @@ merged and switched while a model lives, and the answer must follow.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+from ._triton import autocast_on
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +42,153 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (out + low).to(out.dtype)
 
 
+def lora_multi_linear_reference(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor]:
+    """One `lora_linear_reference` per projection of the same input."""
+    return [lora_linear_reference(x, *parts) for parts in parts_list]
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32, without an fp32 copy of a large operand where cuBLAS can do it."""
+    import torch
+
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm's out_dtype
+            pass
+    return torch.mm(a, b).float()
+
+
+def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(outputs, x·Aᵀ of every projection side by side): one GEMM of x with all the A's stacked, then per
+    projection the base GEMM (bias in its epilogue) and the scaled low-rank product added into it by addmm."""
+    import torch
+
+    dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
+    stacked = torch.cat([p.lora_a.to(dtype) for p in parts_list])
+    xa = rows @ stacked.T  # [rows, sum of ranks]: the only activation saved besides x
+    outputs, col = [], 0
+    for p in parts_list:
+        rank = p.lora_a.shape[0]
+        # Written through a 2-D view of a fresh tensor, so that each output is a tensor of its own (not a view),
+        # which later in-place kernels (RoPE on q and k) may update.
+        y = torch.empty((*x.shape[:-1], p.weight.shape[0]), dtype=dtype, device=x.device)
+        flat = y.view(-1, y.shape[-1])
+        if p.bias is None:
+            torch.mm(rows, p.weight.T, out=flat)
+        else:
+            torch.addmm(p.bias, rows, p.weight.T, out=flat)
+        flat.addmm_(xa[:, col:col + rank], p.lora_b.to(dtype).T, alpha=p.scaling)
+        outputs.append(y)
+        col += rank
+    return outputs, xa
+
+
+def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa: torch.Tensor,
+                        parts_list: Sequence[LoraParts], need_x: bool,
+                        need: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dx rows, [dW, db, dA, dB per projection]); `need` has four flags per projection in that order, and a
+    projection whose output got no gradient (dy None) gets None. dx = Σ dY·W + (Σ s·dY·B)·A accumulates in one
+    buffer; dA for every projection comes from one GEMM of the stacked d(x·Aᵀ) with x."""
+    import torch
+
+    dtype = rows.dtype
+    grads: list[torch.Tensor | None] = [None] * (4 * len(parts_list))
+    ranks = [p.lora_a.shape[0] for p in parts_list]
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    used = [i for i, dy in enumerate(dys) if dy is not None]
+    dxa = torch.zeros_like(xa)
+    dx = None
+    for i in used:
+        dy, p, cols = dys[i], parts_list[i], slice(starts[i], starts[i] + ranks[i])
+        need_w, need_b, _, need_lora_b = need[4 * i:4 * i + 4]
+        dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
+        if need_lora_b:
+            grads[4 * i + 3] = mm_fp32(dy.T, xa[:, cols]).mul_(p.scaling).to(p.lora_b.dtype)
+        if need_w:
+            grads[4 * i] = (dy.T @ rows).to(p.weight.dtype)
+        if need_b:
+            grads[4 * i + 1] = dy.sum(0).to(p.bias.dtype)
+        if need_x:
+            dx = dy @ p.weight if dx is None else dx.addmm_(dy, p.weight)
+    if any(need[4 * i + 2] for i in used):
+        d_stacked = mm_fp32(dxa.T, rows)
+        for i in used:
+            if need[4 * i + 2]:
+                grads[4 * i + 2] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
+    if dx is not None:
+        dx.addmm_(dxa, torch.cat([p.lora_a.to(dtype) for p in parts_list]))
+    return dx, grads
+
+
+def _parts(tensors: Sequence[Any], scalings: Sequence[float]) -> list[LoraParts]:
+    return [LoraParts(*tensors[4 * i:4 * i + 4], s) for i, s in enumerate(scalings)]
+
+
+@functools.cache
+def _lora_function() -> type:
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class LoraMultiLinearFunction(torch.autograd.Function):
+        """Several LoRA projections of one input: x and x·Aᵀ are saved once for all of them."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *tensors: Any) -> tuple[torch.Tensor, ...]:
+            parts_list = _parts(tensors, scalings)
+            outputs, xa = lora_multi_forward(x, parts_list)
+            ctx.save_for_backward(x, xa, *tensors)
+            ctx.set_materialize_grads(False)  # an unused projection's parameters then get None, as in PEFT
+            ctx.scalings = scalings
+            return tuple(outputs)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, *dys: torch.Tensor) -> tuple[Any, ...]:
+            x, xa, *tensors = ctx.saved_tensors
+            parts_list = _parts(tensors, ctx.scalings)
+            rows = x.reshape(-1, x.shape[-1])
+            dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+            dx, grads = lora_multi_backward(dys, rows, xa, parts_list, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[2:])
+            return (None if dx is None else dx.view(x.shape), None, *grads)
+
+    return LoraMultiLinearFunction
+
+
+def __getattr__(name: str) -> Any:
+    # The autograd Function is defined on first use: defining it needs torch.
+    if name == "LoraMultiLinearFunction":
+        return _lora_function()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor]:
+    """Several LoRA projections of `x` through one autograd Function (LoRA dropout must be 0: `lora_parts`
+    refuses layers with dropout). W is frozen unless it requires grad, in which case dW is computed too."""
+    if not parts_list:
+        return []
+    tensors = [t for p in parts_list for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
+    return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), *tensors))
+
+
+def _fused_path(x: torch.Tensor) -> bool:
+    # Under autocast the GEMMs would change dtype behind the in-place additions: the reference handles it.
+    return x.is_cuda and not autocast_on(x.device)
+
+
+def lora_multi_linear(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor]:
+    """Several LoRA projections of the same input through the fastest implementation for `x`'s device."""
+    if _fused_path(x):
+        return lora_multi_linear_fused(x, parts_list)
+    return lora_multi_linear_reference(x, parts_list)
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """LoRA linear through the fastest implementation available for `x`'s device (the reference on CPU)."""
+    if _fused_path(x):
+        return lora_multi_linear_fused(x, [LoraParts(weight, bias, lora_a, lora_b, scaling)])[0]
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling)
 
 

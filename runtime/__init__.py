@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .report import PatchError, PatchReport
 
-__all__ = ["PatchError", "PatchReport", "ensure_patched", "load", "save_adapter", "unpatch"]
+__all__ = ["PatchError", "PatchReport", "enable_offloaded_checkpointing", "ensure_patched", "load", "save_adapter",
+           "unpatch"]
 
 
 def ensure_patched(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchReport:
@@ -41,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from .loader import load
 
         return load
+    if name == "enable_offloaded_checkpointing":
+        from .checkpoint import enable_offloaded_checkpointing
+
+        return enable_offloaded_checkpointing
     raise AttributeError(f"module 'adapter_doctor.runtime' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import inspect
 from typing import Any, Callable
 
 from .context import Context
-from .projection import project
+from .projection import project, project_many
 
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
@@ -26,9 +26,9 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = project(self.q_proj, hidden_states, kernels).view(hidden_shape)
-    key = project(self.k_proj, hidden_states, kernels).view(hidden_shape)
-    value = project(self.v_proj, hidden_states, kernels).view(hidden_shape).transpose(1, 2)
+    query, key, value = (t.view(hidden_shape) for t in
+                         project_many((self.q_proj, self.k_proj, self.v_proj), hidden_states, kernels))
+    value = value.transpose(1, 2)
     if opts.qk_norm:
         query, key = self.q_norm(query), self.k_norm(key)
     cos, sin = position_embeddings

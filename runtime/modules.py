@@ -9,8 +9,9 @@ import functools
 from typing import Any, Callable
 
 from .attention import attention_forward
+from .causal_lm import causal_lm_forward
 from .context import Context, named_arguments
-from .projection import project
+from .projection import project, project_many
 
 
 def rms_norm_forward(self: Any, ctx: Context, hidden_states: Any) -> Any:
@@ -59,7 +60,7 @@ def check_mlp(module: Any) -> str | None:
 def gated_mlp_forward(self: Any, ctx: Context, x: Any) -> Any:
     kernels = ctx.kernels
     kind, approximate = gated_activation(self.act_fn) or ("", "")
-    gate, up = project(self.gate_proj, x, kernels), project(self.up_proj, x, kernels)
+    gate, up = project_many((self.gate_proj, self.up_proj), x, kernels)
     if kind == "swiglu":
         hidden = kernels.swiglu(gate, up)
     elif kind == "geglu":
@@ -97,4 +98,5 @@ IMPLEMENTATIONS: dict[str, tuple[Callable[..., Any], Callable[[Any], str | None]
     "gated_mlp": (gated_mlp_forward, check_mlp),
     "rms_norm": (rms_norm_forward, None),
     "decoder_layer": (decoder_layer_forward, None),
+    "causal_lm": (causal_lm_forward, None),
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .options import AttentionOptions, DecoderOptions, MlpOptions, NormOptions
 
-ATTENTION, MLP, NORM, DECODER = "attention", "gated_mlp", "rms_norm", "decoder_layer"
+ATTENTION, MLP, NORM, DECODER, CAUSAL_LM = "attention", "gated_mlp", "rms_norm", "decoder_layer", "causal_lm"
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def _decoder_family(prefix: str, *, norm: NormOptions = LLAMA_NORM, attention: A
         ModuleSpec(f"{prefix}MLP", MLP, ("gate_proj", "up_proj", "down_proj", "act_fn"), MlpOptions()),
         ModuleSpec(f"{prefix}RMSNorm", NORM, ("weight", norm.eps_attr), norm),
         ModuleSpec(f"{prefix}DecoderLayer", DECODER, ("self_attn", "mlp", *norms), decoder),
+        ModuleSpec(f"{prefix}ForCausalLM", CAUSAL_LM, ("model", "lm_head", "config")),
     )
 
 

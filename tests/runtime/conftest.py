@@ -63,13 +63,19 @@ class Tiny:
     @staticmethod
     def run(model, ids, grad_of: str = "lora_"):
         """(logits, loss, {name: grad}) of one training step, gradients zeroed after."""
+        import torch
+
         model.train()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
                  if p.grad is not None and grad_of in n}
         model.zero_grad(set_to_none=True)
-        return out.logits.detach(), out.loss.detach(), grads
+        # With labels in training the patched head returns only the loss (no [tokens, vocab] logits): the
+        # logits come from a second forward without labels.
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        return logits.detach(), out.loss.detach(), grads
 
     @staticmethod
     def rel(a, b) -> float:

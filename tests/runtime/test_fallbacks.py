@@ -20,7 +20,7 @@ def test_ineligible_projections_fall_back_with_equal_numerics(tiny, config, reas
     ids = tiny.batch()
     expected = seeded_run(tiny, model, ids)
     report = ensure_patched(model)
-    assert report.changed == 11 and not report.failures
+    assert report.changed == 12 and not report.failures
     assert len(report.fallbacks) == 7 * 2 and {f.reason for f in report.fallbacks} == {reason}
     assert any(f.path.endswith("layers.0.self_attn.q_proj") for f in report.fallbacks)
     got = seeded_run(tiny, model, ids)

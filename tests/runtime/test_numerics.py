@@ -27,7 +27,8 @@ def test_lora_all_linear(tiny, arch_attn):
     model = tiny.lora(tiny.base(arch, attn))
     report = compare(tiny, model, tiny.batch())
     prefix = type(model.get_base_model()).__name__.removesuffix("ForCausalLM")
-    assert set(report.counts) == {prefix + kind for kind in ("Attention", "MLP", "RMSNorm", "DecoderLayer")}
+    kinds = ("Attention", "MLP", "RMSNorm", "DecoderLayer", "ForCausalLM")
+    assert set(report.counts) == {prefix + kind for kind in kinds}
     assert not report.fallbacks
 
 
@@ -105,7 +106,8 @@ def counting_kernels(calls: dict):
         return wrapper
 
     return replace(TORCH, name="counting", **{n: counted(n) for n in ("rms_norm", "rope", "swiglu", "geglu",
-                                                                    "lora_linear")})
+                                                                    "lora_linear", "lora_multi_linear",
+                                                                    "linear_cross_entropy")})
 
 
 def test_the_fused_kernels_are_the_ones_that_run(tiny, arch):
@@ -116,7 +118,8 @@ def test_the_fused_kernels_are_the_ones_that_run(tiny, arch):
     model(input_ids=tiny.batch())
     layers = model.get_base_model().config.num_hidden_layers
     norms_per_layer = 4 if arch == "gemma2" else 2
-    assert calls["lora_linear"] == 7 * layers
+    assert calls["lora_multi_linear"] == 2 * layers  # q/k/v and gate/up, each group reading x once
+    assert calls["lora_linear"] == 2 * layers  # o and down
     assert calls["rope"] == layers
     assert calls["rms_norm"] == norms_per_layer * layers + 1 + (2 * layers if arch == "qwen3" else 0)
     activation = "geglu" if arch.startswith("gemma") else "swiglu"

@@ -34,7 +34,7 @@ def repaired_equals_clean(tiny, model, clean):
     report = ensure_patched(model)
     assert [m.module_type for m in report.repaired] == ["LlamaAttention", "LlamaAttention"]
     assert all("apply_qkv" in m.reason and "fast_attention" in m.replaced for m in report.repaired)
-    assert report.changed == 11 and not report.failures
+    assert report.changed == 12 and not report.failures
     got, expected = tiny.run(model, ids), tiny.run(clean, ids)
     assert tiny.rel(got[0], expected[0]) <= 1e-5
     assert max(tiny.rel(got[2][n], expected[2][n]) for n in expected[2]) <= 1e-4
@@ -80,7 +80,7 @@ def test_broken_module_without_a_spec_is_reported(tiny):
     report = ensure_patched(model)
     assert [m.path for m in report.broken] == ["base_model.model.model.rotary_emb"]
     assert "extend_rope_embedding" in report.broken[0].reason
-    assert report.failures and report.changed == 11
+    assert report.failures and report.changed == 12
     del rotary.forward
     unpatch(model)
     with torch.no_grad():
