@@ -179,9 +179,11 @@ def test_gpu_llama8b_shape_bf16(rel, cuda, kind):
     y_ref.backward(dy)
     base = gate0.clone().requires_grad_()
     pair = base * 1, up0 * 1  # intermediates, so that backward takes the in-place path
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     y = ours(*pair)
-    assert torch.cuda.memory_allocated() - before == y.nbytes  # nothing but the output
+    assert torch.cuda.max_memory_allocated() - before <= y.nbytes  # nothing but the output
     y.backward(dy)
     assert rel(y, y_ref) < 1e-2
     assert rel(base.grad, gate.grad) < 1e-2

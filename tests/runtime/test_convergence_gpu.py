@@ -12,11 +12,14 @@ STEPS, WARMUP, SEQ, BATCH = 200, 10, 512, 8
 
 
 def task_batch(step: int, vocab: int) -> torch.Tensor:
-    """Arithmetic sequences: each row counts up from a random start with a random stride (learnable in context)."""
+    """Half memorisation, half noise: 16 fixed random sequences whose odd positions are redrawn every step.
+    The fixed half is learnt; the noise keeps the loss near ln(vocab)/2, where a 1% difference means something
+    (a loss driven towards 0 would turn bf16 rounding into large relative differences)."""
+    corpus = torch.randint(0, vocab, (16, SEQ), generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(step)
-    start = torch.randint(0, vocab, (BATCH, 1), generator=gen)
-    stride = torch.randint(1, 8, (BATCH, 1), generator=gen)
-    return ((start + stride * torch.arange(SEQ)) % vocab).cuda()
+    rows = corpus[torch.randint(0, 16, (BATCH,), generator=gen)]
+    rows[:, 1::2] = torch.randint(0, vocab, rows[:, 1::2].shape, generator=gen)
+    return rows.cuda()
 
 
 def train(patched: bool) -> tuple[list[float], dict]:
@@ -37,7 +40,7 @@ def train(patched: bool) -> tuple[list[float], dict]:
     if patched:
         report = ensure_patched(model)
         assert report.kernels == "triton", report
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(STEPS):
         ids = task_batch(step, config.vocab_size)
@@ -58,7 +61,7 @@ def test_loss_curves_match_hf_peft():
         with open(os.environ["CONVERGENCE_OUT"], "w") as fh:
             json.dump({"hf_peft": reference, "ours": ours, "steps": STEPS, "seq": SEQ, "batch": BATCH,
                        "device": torch.cuda.get_device_name()}, fh)
-    assert reference[-1] < 0.5 * reference[0]  # the task is learnt
+    assert reference[-1] < 0.6 * reference[0]  # the fixed half is learnt
     for step in range(WARMUP, STEPS):
         assert abs(ours[step] - reference[step]) <= 0.01 * reference[step], (step, ours[step], reference[step])
     for name, weight in ref_weights.items():
