@@ -18,12 +18,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 300  # one configuration's process, model build included
 
 
 def run(size: str, variant: str, seq: int, bs: int, gc: bool, steps: int = 10, warmup: int = 3) -> dict:
     cmd = [sys.executable, str(HERE / "train_bench.py"), "--size", size, "--variant", variant, "--seq", str(seq),
            "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup)] + (["--gc"] if gc else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"size": size, "variant": variant, "seq": seq, "bs": bs, "gc": gc, "error": f"over {TIMEOUT_S} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
@@ -40,12 +44,17 @@ def variants() -> list[tuple[str, bool]]:
     return out
 
 
-def longest(variant: str, gc: bool, start: int = 4096, limit: int = 262144) -> dict:
-    best, seq = None, start
+# Where each variant's doubling search starts (one step at each length; the sequence count is 1).
+LONGEST_START = {"hf": 8192, "liger": 32768, "ours": 32768}
+
+
+def longest(variant: str, gc: bool, limit: int) -> dict:
+    """The longest sequence (a power of two from LONGEST_START) `variant` trains at 8B, batch 1, up to `limit`."""
+    best, seq = None, LONGEST_START[variant]
     while seq <= limit:
-        result = run("8b", variant, seq, 1, gc, steps=1, warmup=1)
+        result = run("8b", variant, seq, 1, gc, steps=1, warmup=0)
         if "error" in result:
-            return {"variant": variant, "gc": gc, "longest": best, "first_failure": seq}
+            return {"variant": variant, "gc": gc, "longest": best, "first_failure": seq, "error": result["error"]}
         best, seq = result, seq * 2
     return {"variant": variant, "gc": gc, "longest": best, "first_failure": None}
 
@@ -69,12 +78,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=4)
     parser.add_argument("--longest", action="store_true")
+    parser.add_argument("--longest-limit", type=int, default=131072, help="stop the doubling search here")
+    parser.add_argument("--skip-speed", action="store_true", help="only the --longest search")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args()
-    results = [run(size, variant, args.seq, args.bs, gc) for size in args.sizes.split(",") for variant, gc in variants()]
+    results = [] if args.skip_speed else [run(size, variant, args.seq, args.bs, gc)
+                                          for size in args.sizes.split(",") for variant, gc in variants()]
     report: dict = {"results": results}
-    if args.longest:
-        report["longest"] = [longest(variant, gc) for variant, gc in variants()]
+    if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
+        report["longest"] = [longest(variant, True, args.longest_limit) for variant, gc in variants() if gc]
     args.out.write_text(json.dumps(report, indent=1))
     print(table(results))
     for entry in report.get("longest", []):

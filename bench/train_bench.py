@@ -58,6 +58,15 @@ def flops_per_token(model, config, seq: int) -> float:
     return 4 * n + 2 * attention
 
 
+def version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), required=True)
@@ -113,7 +122,8 @@ def main() -> None:
         "peak_gib": None if peak is None else round(peak, 2),
         "mfu": round(tokens * flops_per_token(model, config, args.seq) / H100_BF16_PEAK, 4),
         "loss": round(float(loss), 4), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "pid": os.getpid(),
+        "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
+        "liger_kernel": version("liger-kernel"), "pid": os.getpid(),
     }), flush=True)
 
 

@@ -134,9 +134,14 @@ def _lora_function() -> type:
         """Several LoRA projections of one input: x and x·Aᵀ are saved once for all of them."""
 
         @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *tensors: Any) -> tuple[torch.Tensor, ...]:
+        def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], values: bool,
+                    *tensors: Any) -> tuple[torch.Tensor, ...]:
             parts_list = _parts(tensors, scalings)
-            outputs, xa = lora_multi_forward(x, parts_list)
+            if values:
+                outputs, xa = lora_multi_forward(x, parts_list)
+            else:  # only the gradients will be asked for: x·Aᵀ is all backward needs
+                xa = x.reshape(-1, x.shape[-1]) @ torch.cat([p.lora_a.to(x.dtype) for p in parts_list]).T
+                outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
             ctx.save_for_backward(x, xa, *tensors)
             ctx.set_materialize_grads(False)  # an unused projection's parameters then get None, as in PEFT
             ctx.scalings = scalings
@@ -150,8 +155,8 @@ def _lora_function() -> type:
             rows = x.reshape(-1, x.shape[-1])
             dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
             dx, grads = lora_multi_backward(dys, rows, xa, parts_list, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[2:])
-            return (None if dx is None else dx.view(x.shape), None, *grads)
+                                            ctx.needs_input_grad[3:])
+            return (None if dx is None else dx.view(x.shape), None, None, *grads)
 
     return LoraMultiLinearFunction
 
@@ -163,13 +168,30 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor]:
+def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:
+    # A zero-stride view of one zero: the output's shape at no memory cost.
+    return x.new_zeros(()).expand(*x.shape[:-1], features)
+
+
+def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], values: bool = True) -> list[torch.Tensor]:
     """Several LoRA projections of `x` through one autograd Function (LoRA dropout must be 0: `lora_parts`
-    refuses layers with dropout). W is frozen unless it requires grad, in which case dW is computed too."""
+    refuses layers with dropout). W is frozen unless it requires grad, in which case dW is computed too.
+
+    With `values=False` the outputs are zero-stride placeholders of the right shapes and no projection GEMM
+    runs: for a recomputation whose caller already holds what the outputs fed (a residual sum) and needs only
+    the backward (dx, dA, dB), which is exact."""
     if not parts_list:
         return []
     tensors = [t for p in parts_list for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
-    return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), *tensors))
+    return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), values, *tensors))
+
+
+def lora_linear_gradient_only(x: torch.Tensor, parts: LoraParts) -> torch.Tensor | None:
+    """A placeholder for one LoRA projection of `x` whose backward is the projection's own; None where the
+    fused Function cannot stand in (autocast would change the dtypes the backward assumes)."""
+    if autocast_on(x.device):
+        return None
+    return lora_multi_linear_fused(x, [parts], values=False)[0]
 
 
 def _fused_path(x: torch.Tensor) -> bool:

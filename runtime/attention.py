@@ -12,7 +12,8 @@ import inspect
 from typing import Any, Callable
 
 from .context import Context
-from .projection import project, project_many
+from .projection import project_many
+from .replay import output_projection
 
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
@@ -43,7 +44,7 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
                                 dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                                 **extra, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
-    return project(self.o_proj, output, kernels), weights
+    return output_projection(self.o_proj, output, kernels), weights
 
 
 def _read(module: Any, attr: str) -> Any:

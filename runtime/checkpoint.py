@@ -1,32 +1,21 @@
-"""Layer checkpointing whose saved inputs wait in pinned CPU memory, for long contexts.
+"""Layer checkpointing whose saved tensors wait in pinned CPU memory, for long contexts and tight budgets.
 
 Plain checkpointing keeps every decoder layer's input on the GPU: at 128K tokens that is 1 GiB a layer on
-an 8B model. Here the forward runs without keeping activations, copies the layer's input to pinned host
-memory on a side stream (overlapping the next layer's work), and the backward brings it back, recomputes the
-layer with grad, and backpropagates through it. GPU memory then holds the weights and one layer's working set.
+an 8B model. Here the forward runs without keeping activations and copies what the backward will need (the
+layer's input and, for our patched layers, its inner residual sum: see `replay.py`) to pinned host memory on a
+side stream, overlapping the next layer's work. The backward of layer i starts copying layer i-1's tensors back
+on that stream before it recomputes its own layer, so that the transfers overlap the compute. GPU memory then
+holds the weights, one layer's working set and two layers' saved tensors.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
-
-def _offload(tensor: Any) -> tuple[Any, Any]:
-    import torch
-
-    if not tensor.is_cuda:
-        return tensor.detach(), None  # on CPU there is nothing to move: keep it as it is
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    stream = _side_stream(tensor.device)
-    stream.wait_stream(torch.cuda.current_stream(tensor.device))
-    with torch.cuda.stream(stream):
-        host.copy_(tensor.detach(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    tensor.record_stream(stream)  # the caching allocator must not reuse it before the copy ends
-    return host, done
-
+from .replay import RECORD, REPLAY, Tape, taping
 
 _STREAMS: dict[Any, Any] = {}
+_LAST: dict[Any, Any] = {}  # device -> weak reference to the most recent layer's _Saved
 
 
 def _side_stream(device: Any) -> Any:
@@ -37,17 +26,68 @@ def _side_stream(device: Any) -> Any:
     return _STREAMS[device]
 
 
+class _Saved:
+    """One layer's saved tensors between its forward and backward: host copies, then device copies."""
+
+    def __init__(self, tensors: list[Any], device: Any):
+        import torch
+
+        self.device, self.cuda = device, device.type == "cuda"
+        if not self.cuda:  # on CPU there is nothing to move
+            self.host, self.fetched = None, [t.detach() for t in tensors]
+            return
+        stream = _side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        with torch.cuda.stream(stream):
+            for host, t in zip(self.host, tensors):
+                host.copy_(t.detach(), non_blocking=True)
+                t.record_stream(stream)  # the caching allocator must not reuse it before the copy ends
+        self.fetched, self.ready = None, None
+        self.previous = _LAST.get(device)  # a weak reference: a finished step's layers must not stay alive
+        _LAST[device] = weakref.ref(self)
+
+    def prefetch(self) -> None:
+        """Start the copy back to the GPU on the side stream (queued after the copy out), once."""
+        import torch
+
+        if self.fetched is not None or self.host is None:  # fetched already, or taken (an earlier step's)
+            return
+        stream = _side_stream(self.device)
+        with torch.cuda.stream(stream):
+            self.fetched = [h.to(self.device, non_blocking=True) for h in self.host]
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self) -> list[Any]:
+        """The device tensors, usable on the current stream; prefetches the layer before this one."""
+        import torch
+
+        if not self.cuda:
+            return self.fetched
+        self.prefetch()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.ready)
+        for t in self.fetched:
+            t.record_stream(current)  # allocated on the side stream, freed after use on this one
+        earlier = self.previous() if self.previous is not None else None
+        if earlier is not None:
+            earlier.prefetch()
+        tensors, self.fetched, self.host = self.fetched, None, None
+        return tensors
+
+
 def _function() -> type:
     import torch
 
     class OffloadedCheckpoint(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, run: Callable[..., Any], shape: dict, hidden: Any, *rest: Any) -> Any:
-            ctx.run, ctx.device = run, hidden.device
+            ctx.run = run
             ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
-            with torch.no_grad():
+            with torch.no_grad(), taping(Tape(RECORD)) as tape:
                 out = run(hidden, *rest)
-            ctx.host, ctx.copied = _offload(hidden)
+            ctx.saved = _Saved([hidden, *tape.sums], hidden.device)
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
             shape["tail"] = out[1:] if ctx.tuple_out else ()
             ctx.save_for_backward(*[r if torch.is_tensor(r) else None for r in rest])
@@ -56,15 +96,15 @@ def _function() -> type:
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            if ctx.copied is not None:
-                ctx.copied.synchronize()
-            hidden = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
+            hidden, *sums = ctx.saved.take()
+            hidden = hidden.detach().requires_grad_(True)
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             cpu_rng, cuda_rng = ctx.rng
-            with torch.random.fork_rng(devices=[ctx.device] if cuda_rng is not None else []):
+            devices = [hidden.device] if cuda_rng is not None else []
+            with torch.random.fork_rng(devices=devices), taping(Tape(REPLAY, sums)):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
-                    torch.cuda.set_rng_state(cuda_rng, ctx.device)
+                    torch.cuda.set_rng_state(cuda_rng, hidden.device)
                 with torch.enable_grad():
                     out = ctx.run(hidden, *rest)
             out = out[0] if ctx.tuple_out else out

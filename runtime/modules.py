@@ -11,7 +11,8 @@ from typing import Any, Callable
 from .attention import attention_forward
 from .causal_lm import causal_lm_forward
 from .context import Context, named_arguments
-from .projection import project, project_many
+from .projection import project_many
+from .replay import active, output_projection, residual_add
 
 
 def rms_norm_forward(self: Any, ctx: Context, hidden_states: Any) -> Any:
@@ -67,26 +68,28 @@ def gated_mlp_forward(self: Any, ctx: Context, x: Any) -> Any:
         hidden = kernels.geglu(gate, up, approximate)
     else:  # the activation changed after patching: compute it as the library does
         hidden = self.act_fn(gate) * up
-    return project(self.down_proj, hidden, kernels)
+    return output_projection(self.down_proj, hidden, kernels)
 
 
 def decoder_layer_forward(self: Any, ctx: Context, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs = named_arguments(ctx, args, kwargs)
     output_attentions = kwargs.get("output_attentions", False)
+    sandwich = ctx.options.sandwich_norm
+    tape = active()
+    if tape is not None:  # inside a checkpoint: sub-block outputs feed the sums directly unless normed first
+        tape.defer_outputs = not sandwich
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, attn_weights = self.self_attn(hidden_states=hidden_states, **kwargs)
-    if ctx.options.sandwich_norm:
+    if sandwich:
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.pre_feedforward_layernorm(hidden_states))
-        hidden_states = self.post_feedforward_layernorm(hidden_states)
+    hidden_states = residual_add(residual, hidden_states, last=False)
+    residual = hidden_states
+    if sandwich:
+        hidden_states = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
     else:
-        hidden_states = residual + hidden_states
-        residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-    hidden_states = residual + hidden_states
+    hidden_states = residual_add(residual, hidden_states, last=True)
     if not ctx.returns_tuple:
         return hidden_states
     return (hidden_states, attn_weights) if output_attentions else (hidden_states,)

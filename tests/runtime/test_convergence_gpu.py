@@ -11,15 +11,19 @@ pytestmark = pytest.mark.gpu
 STEPS, WARMUP, SEQ, BATCH = 200, 10, 512, 8
 
 
-def task_batch(step: int, vocab: int) -> torch.Tensor:
-    """Half memorisation, half noise: 16 fixed random sequences whose odd positions are redrawn every step.
-    The fixed half is learnt; the noise keeps the loss near ln(vocab)/2, where a 1% difference means something
-    (a loss driven towards 0 would turn bf16 rounding into large relative differences)."""
+def task_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels): rows drawn from 16 fixed random sequences, to be memorised; a fresh random 20% of
+    the labels are replaced by random tokens. The inputs stay clean, so the sequences are learnt as fast as
+    without the noise, but the loss cannot fall below about 2.2 (0.8·ln(1/0.8) + 0.2·ln(vocab/0.2)): a 1%
+    difference means about the same thing at step 200 as at step 10, where a loss driven towards 0 would turn
+    bf16 rounding into large relative differences."""
     corpus = torch.randint(0, vocab, (16, SEQ), generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(step)
-    rows = corpus[torch.randint(0, 16, (BATCH,), generator=gen)]
-    rows[:, 1::2] = torch.randint(0, vocab, rows[:, 1::2].shape, generator=gen)
-    return rows.cuda()
+    ids = corpus[torch.randint(0, 16, (BATCH,), generator=gen)]
+    labels = ids.clone()
+    noisy = torch.rand(ids.shape, generator=gen) < 0.2
+    labels[noisy] = torch.randint(0, vocab, (int(noisy.sum()),), generator=gen)
+    return ids.cuda(), labels.cuda()
 
 
 def train(patched: bool) -> tuple[list[float], dict]:
@@ -40,11 +44,11 @@ def train(patched: bool) -> tuple[list[float], dict]:
     if patched:
         report = ensure_patched(model)
         assert report.kernels == "triton", report
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     losses = []
     for step in range(STEPS):
-        ids = task_batch(step, config.vocab_size)
-        loss = model(input_ids=ids, labels=ids).loss
+        ids, labels = task_batch(step, config.vocab_size)
+        loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -61,7 +65,7 @@ def test_loss_curves_match_hf_peft():
         with open(os.environ["CONVERGENCE_OUT"], "w") as fh:
             json.dump({"hf_peft": reference, "ours": ours, "steps": STEPS, "seq": SEQ, "batch": BATCH,
                        "device": torch.cuda.get_device_name()}, fh)
-    assert reference[-1] < 0.6 * reference[0]  # the fixed half is learnt
+    assert reference[-1] < 0.6 * reference[0]  # the sequences are learnt
     for step in range(WARMUP, STEPS):
         assert abs(ours[step] - reference[step]) <= 0.01 * reference[step], (step, ours[step], reference[step])
     for name, weight in ref_weights.items():

@@ -1,0 +1,80 @@
+"""Selective replay in checkpointed layers: exact gradients, and o_proj/down_proj GEMMs left out."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapter_doctor.kernels import lora_linear
+from adapter_doctor.runtime import ensure_patched
+from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
+from adapter_doctor.runtime.replay import REPLAY, Tape, residual_add, taping
+
+IDS = torch.arange(2 * 10).reshape(2, 10) % 100 + 3
+
+
+def lora_grads(model):
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_lora(tiny, family):
+    return tiny.lora(tiny.base(family))  # lora_B randomised: PEFT's zeros would make every dA zero
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])  # gemma2: sandwich norms, outputs not deferred
+def test_checkpointed_patched_layers_give_the_plain_gradients(tiny, family):
+    expected = lora_grads(tiny_lora(tiny, family))
+    model = tiny_lora(tiny, family)
+    ensure_patched(model, kernels="torch")
+    assert enable_offloaded_checkpointing(model) == 2
+    got = lora_grads(model)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_the_replay_runs_no_output_projection_gemm(tiny, monkeypatch):
+    model = tiny_lora(tiny, "llama")
+    ensure_patched(model, kernels="torch")
+    enable_offloaded_checkpointing(model)
+    names = {m.base_layer.weight.data_ptr(): name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if name.endswith(("q_proj", "o_proj", "down_proj"))}
+    used = []
+    real = F.linear
+
+    def recording(x, weight, bias=None):
+        used.append(names.get(weight.data_ptr()))
+        return real(x, weight, bias)
+
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    monkeypatch.setattr(F, "linear", recording)
+    loss.backward()
+    # both layers replay q_proj with its value; o_proj and down_proj never compute theirs
+    assert used.count("q_proj") == 2
+    assert "o_proj" not in used and "down_proj" not in used
+
+
+def test_a_replay_that_takes_another_path_fails_loudly():
+    x = torch.ones(2, 3)
+    with taping(Tape(REPLAY)), pytest.raises(RuntimeError, match="different path"):
+        residual_add(x, x, last=False)
+
+
+def test_outside_a_checkpoint_the_sum_is_a_sum():
+    x = torch.arange(3.0)
+    assert torch.equal(residual_add(x, x, last=True), 2 * x)
+
+
+def test_a_gradient_only_projection_has_the_projections_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, requires_grad=True)
+    w, a, b = torch.randn(6, 8), torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    dy = torch.randn(5, 6)
+    parts = lora_linear.LoraParts(w, None, a, b, 0.5)
+    placeholder = lora_linear.lora_linear_gradient_only(x, parts)
+    assert placeholder.shape == (5, 6) and placeholder.stride() == (0, 0)
+    got = torch.autograd.grad(placeholder, (x, a, b), dy)
+    want = torch.autograd.grad(lora_linear.lora_linear_reference(x, *parts), (x, a, b), dy)
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, atol=1e-5)
