@@ -131,20 +131,33 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, 
     return (out, *shape["tail"]) if shape["tuple"] else out
 
 
-def enable_offloaded_checkpointing(model: Any) -> int:
-    """Checkpoint every decoder layer of `model` with CPU offload; returns how many layers.
+def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
+    """Checkpoint the decoder layers of `model` with CPU offload; returns how many layers.
 
+    `every_n_layers=n` checkpoints layers 0, n, 2n...: the others keep their activations on the GPU, which
+    trades memory back for speed where memory is left over (each layer spared skips its replay).
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is
     made to (the same step `enable_input_require_grads` does for any checkpointed PEFT model).
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    layers = 0
+    index = layers = 0
     for module in model.modules():
         # The layers transformers checkpoints one by one (the model object carries the flag too)
         is_layer = any(k.__name__ == "GradientCheckpointingLayer" for k in type(module).__mro__)
-        if is_layer and getattr(module, "gradient_checkpointing", False):
+        if not (is_layer and getattr(module, "gradient_checkpointing", False)):
+            continue
+        if index % every_n_layers == 0:
             module._gradient_checkpointing_func = offloaded_checkpoint
             layers += 1
+        else:
+            module.gradient_checkpointing = False
+        index += 1
     return layers

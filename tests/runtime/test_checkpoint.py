@@ -43,6 +43,25 @@ def test_offloaded_checkpointing_matches_plain_training():
             assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
 
 
+
+def test_every_other_layer_checkpointed_gives_the_same_gradients():
+    loss, expected = grads(lora_llama())
+    model = lora_llama()
+    ensure_patched(model)
+    assert enable_offloaded_checkpointing(model, every_n_layers=2) == 2  # layers 0 and 2 of 3
+    flags = [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
+    assert flags == [True, False, True]
+    got_loss, got = grads(model)
+    assert torch.allclose(got_loss, loss)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_every_n_layers_must_be_a_positive_whole_number(bad):
+    with pytest.raises(ValueError, match="every_n_layers"):
+        enable_offloaded_checkpointing(lora_llama(), every_n_layers=bad)
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offloaded_checkpointing_on_the_gpu_matches_plain_training():
