@@ -43,6 +43,18 @@ def _materialize(module_name: str) -> dict[str, Any]:
     return namespace
 
 
+def lazy_functions(module_name: str, **factories: Callable[[], type]) -> Callable[[str], Any]:
+    """A module-level `__getattr__` that serves the module's autograd Functions, each defined on first use
+    (defining one needs torch, which importing a kernel module must not import)."""
+
+    def __getattr__(name: str) -> Any:
+        if name in factories:
+            return factories[name]()
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 @jit
 def tanh_and_sech2(z):
     """(tanh z, 1 - tanh² z) in fp32, through exp of a non-positive number (no overflow) and without the

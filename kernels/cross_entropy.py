@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from ._triton import autocast_on, jit, next_power_of_2, on_triton, row_warps, tanh_and_sech2
+from ._triton import autocast_on, jit, lazy_functions, next_power_of_2, on_triton, row_warps, tanh_and_sech2
 from .lora_linear import mm_fp32
 
 if TYPE_CHECKING:
@@ -202,11 +202,7 @@ def _cross_entropy_function() -> type:
     return LinearCrossEntropyFunction
 
 
-def __getattr__(name: str) -> Any:
-    # The autograd Function is defined on first use: defining it needs torch.
-    if name == "LinearCrossEntropyFunction":
-        return _cross_entropy_function()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_functions(__name__, LinearCrossEntropyFunction=_cross_entropy_function)
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-from ._triton import autocast_on
+from ._triton import autocast_on, lazy_functions
 
 if TYPE_CHECKING:
     import torch
@@ -161,11 +161,7 @@ def _lora_function() -> type:
     return LoraMultiLinearFunction
 
 
-def __getattr__(name: str) -> Any:
-    # The autograd Function is defined on first use: defining it needs torch.
-    if name == "LoraMultiLinearFunction":
-        return _lora_function()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_functions(__name__, LoraMultiLinearFunction=_lora_function)
 
 
 def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:

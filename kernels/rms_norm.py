@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from ._triton import jit, on_triton, next_power_of_2, program_count, row_warps
+from ._triton import jit, lazy_functions, next_power_of_2, on_triton, program_count, row_warps
 
 if TYPE_CHECKING:
     import torch
@@ -164,11 +164,7 @@ def _rms_norm_function() -> type:
     return RMSNormFunction
 
 
-def __getattr__(name: str) -> Any:
-    # The autograd Function is defined on first use: defining it needs torch.
-    if name == "RMSNormFunction":
-        return _rms_norm_function()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_functions(__name__, RMSNormFunction=_rms_norm_function)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

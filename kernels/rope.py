@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from ._triton import jit, next_power_of_2, on_triton
+from ._triton import jit, lazy_functions, next_power_of_2, on_triton
 
 if TYPE_CHECKING:
     import torch
@@ -149,11 +149,7 @@ def _rope_function() -> type:
     return RoPEFunction
 
 
-def __getattr__(name: str) -> Any:
-    # The autograd Function is defined on first use: defining it needs torch.
-    if name == "RoPEFunction":
-        return _rope_function()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_functions(__name__, RoPEFunction=_rope_function)
 
 
 def _rotatable(t: torch.Tensor) -> torch.Tensor:

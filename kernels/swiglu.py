@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from ._triton import jit, on_triton, tanh_and_sech2
+from ._triton import jit, lazy_functions, on_triton, tanh_and_sech2
 
 if TYPE_CHECKING:
     import torch
@@ -144,11 +144,7 @@ def _gated_function() -> type:
     return GatedActivationFunction
 
 
-def __getattr__(name: str) -> Any:
-    # The autograd Function is defined on first use: defining it needs torch.
-    if name == "GatedActivationFunction":
-        return _gated_function()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_functions(__name__, GatedActivationFunction=_gated_function)
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, in_place: bool = True) -> torch.Tensor:

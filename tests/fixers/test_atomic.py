@@ -71,12 +71,17 @@ def test_read_only_file_is_refused(adapter):
     assert digest(adapter) == before
 
 
-def test_symlinked_weights_are_written_through(adapter, tmp_path):
+def link_weights(adapter, tmp_path, name):
+    """Move the weights to a blob store and leave a symlink in their place (as the HF cache does)."""
     store = tmp_path / "blobs"
     store.mkdir()
-    (adapter / "adapter_model.safetensors").rename(store / "weights.safetensors")
-    (adapter / "adapter_model.safetensors").symlink_to(store / "weights.safetensors")
-    original = (store / "weights.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").rename(store / name)
+    (adapter / "adapter_model.safetensors").symlink_to(store / name)
+    return store, (store / name).read_bytes()
+
+
+def test_symlinked_weights_are_written_through(adapter, tmp_path):
+    store, original = link_weights(adapter, tmp_path, "weights.safetensors")
     result = apply(plan(adapter), inplace=True)
     link = adapter / "adapter_model.safetensors"
     assert link.is_symlink() and link.resolve() == (store / "weights.safetensors").resolve()
@@ -86,11 +91,7 @@ def test_symlinked_weights_are_written_through(adapter, tmp_path):
 
 
 def test_symlinked_weights_become_a_real_file_only_with_out(adapter, tmp_path):
-    store = tmp_path / "blobs"
-    store.mkdir()
-    (adapter / "adapter_model.safetensors").rename(store / "w.safetensors")
-    (adapter / "adapter_model.safetensors").symlink_to(store / "w.safetensors")
-    original = (store / "w.safetensors").read_bytes()
+    store, original = link_weights(adapter, tmp_path, "w.safetensors")
     apply(plan(adapter), out=tmp_path / "copy")
     assert not (tmp_path / "copy" / "adapter_model.safetensors").is_symlink()
     assert (store / "w.safetensors").read_bytes() == original

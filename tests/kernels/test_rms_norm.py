@@ -35,32 +35,23 @@ def test_fp32_forward_and_backward_match_the_formula(offset, scale_in_fp32):
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_llama_rmsnorm(dtype):
-    # Same operations in the same order as LlamaRMSNorm: equal bit for bit, in bf16 too.
-    x, w = inputs(dtype)
-    hf = LlamaRMSNorm(SHAPE[-1], eps=1e-5).to(dtype)
-    with torch.no_grad():
-        hf.weight.copy_(w)
-    x2 = x.detach().clone().requires_grad_()
-    ours, theirs = rms_norm_reference(x, w, 1e-5), hf(x2)
-    assert ours.dtype == theirs.dtype == dtype
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    ours.sum().backward()
-    theirs.sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
-    torch.testing.assert_close(w.grad, hf.weight.grad, rtol=0, atol=0)
+# (library class, eps, our options, stored weight shift): Gemma stores w - 1 and scales in fp32.
+NORMS = {"llama": (LlamaRMSNorm, 1e-5, {}, 0.0),
+         "gemma": (GemmaRMSNorm, 1e-6, {"offset": 1.0, "scale_in_fp32": True}, -1.0)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_gemma_rmsnorm_with_offset_one(dtype):
+@pytest.mark.parametrize("family", sorted(NORMS))
+def test_matches_the_library_rmsnorm(family, dtype):
+    # Same operations in the same order as the library's norm: equal bit for bit, in bf16 too.
+    cls, eps, options, shift = NORMS[family]
     x, w = inputs(dtype)
-    w = (w.detach() - 1).requires_grad_()  # Gemma stores w - 1
-    hf = GemmaRMSNorm(SHAPE[-1], eps=1e-6).to(dtype)
+    w = (w.detach() + shift).requires_grad_()
+    hf = cls(SHAPE[-1], eps=eps).to(dtype)
     with torch.no_grad():
         hf.weight.copy_(w)
     x2 = x.detach().clone().requires_grad_()
-    ours, theirs = rms_norm_reference(x, w, 1e-6, offset=1.0, scale_in_fp32=True), hf(x2)
+    ours, theirs = rms_norm_reference(x, w, eps, **options), hf(x2)
     assert ours.dtype == theirs.dtype == dtype
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     ours.sum().backward()
