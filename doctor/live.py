@@ -25,31 +25,35 @@ def inspect_model(model: Any) -> Report:
 def _forward_findings(states: list) -> list[Finding]:
     groups: dict[tuple, list] = defaultdict(list)
     for s in states:
-        groups[(s.cls, s.origin, s.patcher, s.missing, s.missing_guarded)].append(s)
+        groups[(s.cls, s.origin, s.patcher, s.missing, s.missing_guarded, s.wrappers)].append(s)
     out = []
-    for (cls, origin, patcher, missing, guarded), members in groups.items():
+    for (cls, origin, _, missing, guarded, wrappers), members in groups.items():
         first = members[0]
         where = f"{len(members)} {cls} module(s), e.g. {first.path or '(root)'}"
-        func = getattr(first.forward, "__qualname__", "?")
-        how = f"{func} from {getattr(first.forward, '__module__', '?')} ({origin.replace('-', ' ')} by {patcher})"
+        how = first.described
         if origin == "ours":
-            out.append(OURS.finding(f"{where}: {first.marker}", first.path))
+            wrapped = f"; {how.partition(', wrapped by ')[2]} wraps it" if first.foreign_wrappers else ""
+            out.append(OURS.finding(f"{where}: {first.marker}{wrapped}", first.path))
         elif missing:
             attrs = ", ".join(f"self.{a}" for a in sorted(missing))
-            out.append(BROKEN.finding(f"{where} run {how}, which reads {attrs}; these instances lack "
+            out.append(BROKEN.finding(f"{where} run {how}, which reads {attrs} on every path; these instances lack "
                                       f"{'it' if len(missing) == 1 else 'them'}, so the first forward raises "
                                       f"AttributeError: '{cls}' object has no attribute '{sorted(missing)[0]}'",
                                       first.path, title=f"{cls}: patched forward needs {', '.join(sorted(missing))}"))
         elif guarded:
-            out.append(FALLBACK.finding(f"{where} run {how}; it looks for {', '.join(sorted(guarded))}, which these "
-                                        "instances lack, and falls back", first.path))
+            out.append(FALLBACK.finding(f"{where} run {how}; it reads {', '.join(sorted(guarded))} only behind a "
+                                        "guard or on some paths, and these instances lack it: it may take a "
+                                        "fallback path, or fail on a path the guard does not cover", first.path))
+        elif origin == "swapped-class":
+            out.append(FOREIGN.finding(f"{where} are instances of {first.patcher}'s class, swapped in for the "
+                                       f"library's {first.swapped_for.__name__}", first.path))
         else:
             out.append(FOREIGN.finding(f"{where} run {how}", first.path))
     return out
 
 
 def _mixed(model: Any, states: list, introspect: Any) -> list[Finding]:
-    patched = Counter(s.cls for s in states)
+    patched = Counter(s.cls for s in states if s.origin != "library")
     total = Counter(introspect.library_class(m).__name__ for m in model.modules())
     return [MIXED.finding(f"{patched[cls]} of {total[cls]} {cls} modules run a patched forward; the rest their own",
                           cls) for cls in sorted(patched) if patched[cls] < total[cls]]

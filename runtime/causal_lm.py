@@ -17,7 +17,7 @@ def causal_lm_forward(self: Any, ctx: Context, *args: Any, **kwargs: Any) -> Any
     labels = kwargs.get("labels")
     head = _head(self) if labels is not None and self.training and kwargs.get("shift_labels") is None else None
     if head is None:
-        return ctx.library.forward(self, **kwargs)
+        return ctx.library_forward(self, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     weight, lora = head

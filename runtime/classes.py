@@ -55,6 +55,19 @@ def patched_class(original: type, library: type, spec: Any, kernels: Any) -> typ
     return type(original.__name__, (original,), namespace)
 
 
+RESTORED = "library"  # the implementation name of a restored library forward
+
+
+@functools.cache
+def restored_class(original: type, forward: Any) -> type:
+    """The subclass of `original` whose forward is `forward`, the library's own read afresh (pristine.py):
+    for modules a patcher changed that we have no implementation of."""
+    marker = PatchMarker(_version(), "-", RESTORED, original)
+    namespace = {"forward": forward, MARKER: marker, "__module__": __name__, "__qualname__": original.__qualname__,
+                 "__doc__": original.__doc__}
+    return type(original.__name__, (original,), namespace)
+
+
 def marker_of(module: Any) -> PatchMarker | None:
     marker = getattr(type(module), MARKER, None)
     return marker if isinstance(marker, PatchMarker) else None

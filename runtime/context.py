@@ -17,19 +17,18 @@ class Context:
     options: Any  # the spec's options (runtime.options)
     kernels: Any  # adapter_doctor.kernels.KernelSet
     library: type  # the transformers class whose forward ours replaces
+    library_forward: Callable[..., Any]  # its forward as the library defines it, whatever a patcher assigned
     positional: tuple[str, ...]  # its forward's parameter names after self, for positional calls
     returns_tuple: bool  # its forward returns (hidden_states, ...) rather than a tensor (gemma2 on 4.x)
     eager_attention: Callable[..., Any] | None  # its module's eager attention, the fallback interface
 
 
-def _library_forward(library: type) -> Callable[..., Any]:
-    return inspect.unwrap(library.__dict__.get("forward", library.forward))
-
-
 def context_for(library: type, options: Any, kernels: Any) -> Context:
-    forward = _library_forward(library)
+    from .pristine import fresh_module, pristine_attr
+
+    library_forward = pristine_attr(library, "forward") or library.forward
     try:
-        signature = inspect.signature(forward)
+        signature = inspect.signature(inspect.unwrap(library_forward))
     except (TypeError, ValueError):
         signature = None
     positional: tuple[str, ...] = ()
@@ -39,8 +38,9 @@ def context_for(library: type, options: Any, kernels: Any) -> Context:
         positional = tuple(p.name for p in signature.parameters.values() if p.kind in kinds)[1:]
         annotation = signature.return_annotation
         returns_tuple = annotation is tuple or typing.get_origin(annotation) is tuple
-    eager = getattr(sys.modules.get(library.__module__), "eager_attention_forward", None)
-    return Context(options, kernels, library, positional, returns_tuple, eager)
+    module = fresh_module(library.__module__) or sys.modules.get(library.__module__)
+    eager = getattr(module, "eager_attention_forward", None)
+    return Context(options, kernels, library, library_forward, positional, returns_tuple, eager)
 
 
 def named_arguments(ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

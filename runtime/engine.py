@@ -1,9 +1,18 @@
 """patch / unpatch: swap supported instances to generated subclasses, all or nothing, and undo it exactly.
 
-Nothing here assigns to a transformers or PEFT class. Each instance changes in at most three places: its
-`__class__`; a foreign instance-level `forward`, removed while patched; accelerate's `_old_forward`, pointed
-at our forward so its device hook keeps wrapping it. What was removed or replaced waits in the instance's
-`_adapter_doctor_saved` until `unpatch` puts it back.
+Nothing here assigns to a transformers or PEFT class. The plan, validated before anything changes:
+1. A module type with a spec gets our implementation.
+2. A module a patcher changed that we have no implementation of gets its library's own forward back (read
+   afresh from the library's source, `pristine.py`) when it is broken or calls modules we patch; a module of a
+   class swapped at module level is replaced there by a new instance of the library's class.
+3. A wrapper someone else put around a forward (accelerate's hook, TRL's head, an fp32 cast) keeps running:
+   accelerate's `_old_forward` and a wrapper's closure are pointed at the forward that should run.
+4. A module left broken makes `patch` raise before changing anything.
+
+Each instance changes in few places: its `__class__`; a foreign instance-level `forward`, removed while
+patched; accelerate's `_old_forward` or a wrapper's closure cell, re-pointed; a swapped child, replaced. What
+was removed or replaced waits in `_adapter_doctor_saved` (on the module, or its parent for a child) until
+`unpatch` puts it back.
 """
 from __future__ import annotations
 
@@ -13,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import introspect
-from .classes import marker_of, patched_class
+from .classes import marker_of, patched_class, restored_class
 from .modules import IMPLEMENTATIONS
-from .report import ALREADY, BROKEN, PATCHED, REPAIRED, SKIPPED, UNSUPPORTED, Fallback, ModuleAction, PatchError, \
-    PatchReport
+from .pristine import pristine_attr, pristine_instance
+from .report import ALREADY, BROKEN, KEPT, PATCHED, REPAIRED, RESTORED, SKIPPED, UNSUPPORTED, Fallback, \
+    ModuleAction, PatchError, PatchReport
 from .specs import ModuleSpec, match, specs_for
 
 SAVED = "_adapter_doctor_saved"
@@ -29,18 +39,20 @@ _PROJECTING = ("attention", "gated_mlp")  # implementations that call projection
 class _Step:
     path: str
     module: Any
-    spec: ModuleSpec
-    library: type
-    state: Any  # introspect.ForwardState before patching
-    foreign: bool  # the forward that ran was not the library's own
+    state: introspect.ForwardState  # before patching
+    library: type  # the library class whose behaviour the module gets
+    spec: ModuleSpec | None = None  # our implementation; None restores the library's forward
+    forward: Any = None  # the library's forward, for a restore
+    parents: list[tuple[Any, str]] | None = None  # for a swapped child: where it sits, and its new instance
+    replacement: Any = None
+
+    @property
+    def foreign(self) -> bool:
+        return introspect.is_foreign(self.state)
 
     @property
     def repairs(self) -> bool:
         return self.foreign and bool(self.state.missing)
-
-
-def _root(module_name: str | None) -> str:
-    return (module_name or "").split(".")[0]
 
 
 def model_type_of(model: Any) -> str | None:
@@ -59,7 +71,8 @@ def model_type_of(model: Any) -> str | None:
 def patch(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchReport:
     """Patch every supported module of `model` in place; see the module docstring for what changes.
 
-    `kernels` is a kernel set name ("auto", "torch", ...) or a `KernelSet`.
+    `kernels` is a kernel set name ("auto", "torch", ...) or a `KernelSet`. Raises PatchError, with nothing
+    changed, when a module would be left broken, or (strict=True) anything supported is left unpatched.
     """
     from adapter_doctor.kernels import KernelSet, kernel_set
 
@@ -73,65 +86,104 @@ def patch(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchRe
         report.modules.append(ModuleAction("", type(model).__name__, UNSUPPORTED,
                                            f"no spec for model_type {model_type!r}"))
     steps = _plan(model, specs, report)
-    if strict and report.failures:
+    if report.broken or (strict and report.failures):
         raise PatchError(report)
     _apply(steps, kernel)
     for step in steps:
-        s = step.state
-        replaced = f"{getattr(s.forward, '__module__', '?')}.{getattr(s.forward, '__qualname__', '?')} ({s.patcher})" \
-            if step.foreign else ""
-        reason = f"lacked {', '.join(sorted(s.missing))}" if step.repairs else ""
-        report.modules.append(ModuleAction(step.path, step.library.__name__, REPAIRED if step.repairs else PATCHED,
-                                           reason, step.spec.implementation, replaced))
-        if step.spec.implementation in _PROJECTING:
+        report.modules.append(_action(step))
+        if step.spec is not None and step.spec.implementation in _PROJECTING:
             report.fallbacks += _fallbacks(step.path, step.module)
     return report
 
 
+def _action(step: _Step) -> ModuleAction:
+    s = step.state
+    replaced = s.described if step.foreign else ""
+    reason = f"lacked {', '.join(sorted(s.missing))}" if step.repairs else ""
+    if step.spec is not None:
+        return ModuleAction(step.path, step.library.__name__, REPAIRED if step.repairs else PATCHED, reason,
+                            step.spec.implementation, replaced)
+    why = "the library's own class in place of a swapped one" if step.replacement is not None \
+        else "the library's own forward"
+    return ModuleAction(step.path, step.library.__name__, RESTORED, f"{reason}; {why}" if reason else why,
+                        "library", replaced)
+
+
 def _plan(model: Any, specs: tuple[ModuleSpec, ...], report: PatchReport) -> list[_Step]:
-    """Validate every module; nothing changes here. Returns what to patch, records the rest in `report`."""
-    steps = []
-    for path, module in model.named_modules():
+    """Validate every module; nothing changes here. Returns what to change, records the rest in `report`."""
+    ours: list[_Step] = []
+    others: list[tuple[str, Any, list[tuple[Any, str]], introspect.ForwardState]] = []
+    unfit: dict[str, ModuleAction] = {}
+    for path, module, parents in introspect.walk(model):
         marker = marker_of(module)
         if marker is not None:
             report.modules.append(ModuleAction(path, marker.original.__name__, ALREADY, str(marker),
                                                marker.implementation))
             continue
-        state = introspect.forward_state(path, module)
-        broken = state.origin != "library" and bool(state.missing)
-        why_broken = f"its forward from {state.patcher} reads {', '.join(sorted(state.missing))}, which it lacks"
-        found = match(specs, module) if specs else None
-        if found is None:
-            if broken:
-                report.modules.append(ModuleAction(path, state.cls, BROKEN, why_broken))
+        state = introspect.forward_state(path, module, parents)
+        found = match(specs, module) if specs and state.origin != "swapped-class" else None
+        reason = _unfit(module, found[0]) if found else "no spec"
+        if found and not reason and not state.foreign_wrappers:
+            ours.append(_Step(path, module, state, found[1], spec=found[0]))
             continue
-        spec, library = found
-        # Foreign is judged against the spec's transformers class, so a subclass swapped in counts too.
-        foreign = _root(getattr(state.forward, "__module__", None)) != _root(library.__module__)
-        broken = foreign and bool(state.missing)
-        reason = _unfit(module, spec)
-        if reason:
-            reason = f"{reason}; {why_broken}" if broken else reason
-            report.modules.append(ModuleAction(path, library.__name__, SKIPPED, reason, spec.implementation))
+        if found and reason and not state.foreign_wrappers:
+            unfit[path] = ModuleAction(path, found[1].__name__, SKIPPED, reason, found[0].implementation)
+        others.append((path, module, parents, state))
+    patched = [s.path for s in ours]
+    steps = list(ours)
+    for path, module, parents, state in others:
+        step = _restore_step(path, module, parents, state, calls_ours=_is_ancestor(path, patched))
+        if step is not None:
+            steps.append(step)
             continue
-        steps.append(_Step(path, module, spec, library, state, foreign))
+        if path in unfit:
+            report.modules.append(unfit[path])
+        if state.foreign_wrappers and not introspect.is_foreign(state):
+            who = ", ".join(f"{w.name} ({w.author})" for w in state.foreign_wrappers)
+            report.modules.append(ModuleAction(path, state.cls, KEPT, f"wrapped by {who}, which calls the "
+                                               "library's forward; left as it is, its submodules patched"))
+        elif introspect.is_foreign(state) and state.missing:
+            report.modules.append(ModuleAction(path, state.cls, BROKEN, f"runs {state.described}, which reads "
+                                               f"{', '.join(sorted(state.missing))}; it lacks them, and the "
+                                               "library's own forward cannot be read afresh"))
     return steps
 
 
+def _is_ancestor(path: str, paths: list[str]) -> bool:
+    prefix = f"{path}." if path else ""
+    return any(p.startswith(prefix) and p != path for p in paths)
+
+
+def _restore_step(path: str, module: Any, parents: list[tuple[Any, str]], state: introspect.ForwardState,
+                  calls_ours: bool) -> _Step | None:
+    """The library's behaviour back for a foreign module that is broken or calls modules we patch."""
+    if not introspect.is_foreign(state) or not (state.missing or calls_ours or state.origin == "swapped-class"):
+        return None
+    if state.origin == "swapped-class":
+        config = next((p.config for p, _ in parents if getattr(p, "config", None) is not None), None)
+        fresh = pristine_instance(state.swapped_for, module, config) if config is not None else None
+        if fresh is None or state.swapped_for is None:
+            return None
+        return _Step(path, module, state, state.swapped_for, parents=parents, replacement=fresh)
+    library = introspect.library_class(module)
+    forward = pristine_attr(library, "forward")
+    if forward is None or any(not introspect.has_attr(module, a) for a in _needs(forward)):
+        return None
+    return _Step(path, module, state, library, forward=forward)
+
+
+def _needs(forward: Any) -> frozenset[str]:
+    from .reads import self_reads
+
+    return self_reads(forward).required
+
+
 def _unfit(module: Any, spec: ModuleSpec) -> str:
-    missing = [name for name in spec.needs if not _has(module, name)]
+    missing = [name for name in spec.needs if not introspect.has_attr(module, name)]
     if missing:
         return f"lacks {', '.join(missing)}, which {spec.implementation} needs"
     check = IMPLEMENTATIONS[spec.implementation][1]
     return (check(module) if check is not None else None) or ""
-
-
-def _has(module: Any, name: str) -> bool:
-    try:
-        getattr(module, name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _fallbacks(path: str, module: Any) -> list[Fallback]:
@@ -160,46 +212,105 @@ def _restore(module: Any, snapshot: tuple[type, dict[str, Any]]) -> None:
 
 
 def _apply(steps: list[_Step], kernel: Any) -> None:
-    """Swap every planned module; if any swap fails, put every module back as it was and re-raise."""
-    done: list[tuple[Any, tuple[type, dict[str, Any]]]] = []
+    """Make every planned change; if any fails, put every module back as it was and re-raise."""
+    done: list[Any] = []  # undo callables
     try:
         for step in steps:
-            done.append((step.module, _snapshot(step.module)))
+            if step.replacement is not None:
+                done.append(_replace_child(step))
+                continue
+            snapshot, cells = _snapshot(step.module), _wrapper_cells(step.module)
+            done.append(lambda m=step.module, s=snapshot, c=cells: (_restore(m, s), _put_cells(c)))
             _swap(step, kernel)
     except BaseException:
-        for module, snapshot in reversed(done):
-            _restore(module, snapshot)
+        for undo in reversed(done):
+            undo()
         raise
+
+
+def _replace_child(step: _Step) -> Any:
+    """The new instance everywhere the swapped one sat; each parent keeps the old one for unpatch."""
+    old = step.module
+    for parent, name in step.parents or []:
+        setattr(parent, name, step.replacement)
+        parent.__dict__.setdefault(SAVED, {}).setdefault("children", {})[name] = old
+
+    def undo() -> None:
+        for parent, name in step.parents or []:
+            setattr(parent, name, old)
+            parent.__dict__.get(SAVED, {}).get("children", {}).pop(name, None)
+    return undo
 
 
 def _accelerate_hooked(module: Any) -> bool:
     return getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
 
 
+def _wrapper_cells(module: Any) -> list[tuple[Any, Any]]:
+    """(cell, contents) of the closure cells through which foreign instance wrappers call the module's forward."""
+    out = []
+    wrappers, _, _ = introspect.resolve(module)
+    for wrapper in wrappers:
+        func = getattr(wrapper, "__func__", wrapper)
+        found = []
+        for cell in getattr(func, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                found.append((cell, value))
+        out += found if len(found) == 1 else []  # the one resolve() followed
+    return out
+
+
+def _put_cells(cells: list[tuple[Any, Any]]) -> None:
+    for cell, value in cells:
+        cell.cell_contents = value
+
+
 def _swap(step: _Step, kernel: Any) -> None:
     module = step.module
-    cls = patched_class(type(module), step.library, step.spec, kernel)
-    saved = {}
+    original = type(module)
+    if step.spec is not None:
+        cls = patched_class(original, step.library, step.spec, kernel)
+    else:
+        cls = restored_class(original, step.forward)
+    saved: dict[str, Any] = {}
+    cells = _wrapper_cells(module)
     if _accelerate_hooked(module):
         saved["_old_forward"] = module.__dict__["_old_forward"]
         module.__dict__["_old_forward"] = types.MethodType(cls.forward, module)
+    elif cells:  # a wrapper calls the forward it captured: point it at ours, keep the wrapper
+        saved["cells"] = cells
+        for cell, _ in cells:
+            cell.cell_contents = types.MethodType(cls.forward, module)
     elif "forward" in module.__dict__:
         saved["forward"] = module.__dict__.pop("forward")
     if saved:
         module.__dict__[SAVED] = saved
     module.__class__ = cls
-    if marker_of(module) is None or ("forward" in module.__dict__ and not _accelerate_hooked(module)):
-        raise RuntimeError(f"{step.path}: the patched forward is not the one that runs")
+    if marker_of(module) is None:
+        raise RuntimeError(f"{step.path}: the patched class did not take")
 
 
 def unpatch(model: Any) -> int:
-    """Give every module we patched its previous class and instance attributes back. Returns how many."""
+    """Give every module we patched its previous class, instance attributes and children back. Returns how
+    many modules changed back."""
     count = 0
-    for module in model.modules():
+    for module in list(model.modules()):
+        saved = module.__dict__.get(SAVED, {})
+        for name, child in saved.pop("children", {}).items():
+            setattr(module, name, child)
+            count += 1
         marker = marker_of(module)
         if marker is None:
+            if not saved:
+                module.__dict__.pop(SAVED, None)
             continue
-        for key, value in module.__dict__.pop(SAVED, {}).items():
+        module.__dict__.pop(SAVED, None)
+        _put_cells(saved.pop("cells", []))
+        for key, value in saved.items():
             module.__dict__[key] = value
         module.__class__ = marker.original
         count += 1

@@ -32,12 +32,25 @@ def _tokenizer(*places: str) -> Any:
     return None  # tiny test models and some bases ship no tokenizer
 
 
+def _placement(device: Any, dtype: Any) -> tuple[Any, Any]:
+    """The accelerator when there is one, and bf16 there (fp32 on the CPU), unless the caller chose."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
+    return device, dtype
+
+
 def load(path: str | os.PathLike[str], *, max_seq_length: int | None = None, dtype: Any = None, trainable: bool = True,
-         base: str | os.PathLike[str] | None = None, kernels: str = "auto") -> tuple[Any, Any]:
+         base: str | os.PathLike[str] | None = None, kernels: str = "auto", device: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) for a model folder or an adapter folder, patched and ready to train.
 
     An adapter folder is attached to its base (`base_model_name_or_path`, or `base=`) with
     `is_trainable=trainable`, the step plain `PeftModel.from_pretrained` leaves frozen by default.
+    The model goes to `device` (default: the GPU when there is one) in `dtype` (default: bf16 on a GPU, fp32
+    on the CPU). Modules another runtime patched in this process get the library's behaviour back.
     The tokenizer is None when neither folder has one.
     """
     from transformers import AutoModelForCausalLM
@@ -45,7 +58,8 @@ def load(path: str | os.PathLike[str], *, max_seq_length: int | None = None, dty
     from . import ensure_patched
 
     path = Path(path)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    device, dtype = _placement(device, dtype)
+    kwargs = {"dtype": dtype}
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -57,6 +71,7 @@ def load(path: str | os.PathLike[str], *, max_seq_length: int | None = None, dty
         model, tokenizer = AutoModelForCausalLM.from_pretrained(str(path), **kwargs), _tokenizer(str(path))
     else:
         raise FileNotFoundError(f"{path}: neither adapter_config.json nor config.json is here")
+    model.to(device)
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length  # recorded by save_adapter's provenance
     if trainable:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-PATCHED, REPAIRED, ALREADY, SKIPPED, UNSUPPORTED, BROKEN = (
-    "patched", "repaired", "already patched", "skipped", "unsupported", "broken")
+PATCHED, REPAIRED, RESTORED, ALREADY, SKIPPED, KEPT, UNSUPPORTED, BROKEN = (
+    "patched", "repaired", "restored", "already patched", "skipped", "kept", "unsupported", "broken")
 
 
 @dataclass
@@ -13,9 +13,9 @@ class ModuleAction:
     path: str  # "" is the model itself
     module_type: str  # the library class name
     action: str  # one of the constants above
-    reason: str = ""  # why skipped / unsupported / broken; for repaired, what was missing
-    implementation: str = ""
-    replaced: str = ""  # the foreign forward ours replaced, as module.qualname
+    reason: str = ""  # why skipped / kept / unsupported / broken; for repaired or restored, what was missing
+    implementation: str = ""  # ours, or "library" for a restored library forward or class
+    replaced: str = ""  # the foreign forward that ran before, and its author
 
 
 @dataclass
@@ -25,7 +25,8 @@ class Fallback:
 
 
 class PatchError(RuntimeError):
-    """strict=True and something supported was left unpatched or broken; `report` says what."""
+    """A module would be left broken, or strict=True and something supported was left unpatched; nothing was
+    changed. `report` says what."""
 
     def __init__(self, report: PatchReport) -> None:
         super().__init__("; ".join(report.failures))
@@ -57,6 +58,14 @@ class PatchReport:
         return self._with(REPAIRED)
 
     @property
+    def restored(self) -> list[ModuleAction]:
+        return self._with(RESTORED)
+
+    @property
+    def kept(self) -> list[ModuleAction]:
+        return self._with(KEPT)
+
+    @property
     def already_patched(self) -> list[ModuleAction]:
         return self._with(ALREADY)
 
@@ -84,4 +93,4 @@ class PatchReport:
 
     @property
     def changed(self) -> int:
-        return len(self.patched) + len(self.repaired)
+        return len(self.patched) + len(self.repaired) + len(self.restored)

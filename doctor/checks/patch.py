@@ -11,16 +11,17 @@ BROKEN = Check(
     "A fast runtime replaced this class's forward for every instance in the process, but gave only the instances "
     "it loaded itself the attributes that forward reads (Unsloth's `apply_qkv`, `apply_o`). Any other instance of "
     "the class, e.g. one loaded with AutoModelForCausalLM + PeftModel.from_pretrained, raises AttributeError on its "
-    "first forward.", manual="Call adapter_doctor.ensure_patched(model), or load with adapter_doctor.runtime.load().")
+    "first forward. Reported only for reads on every path through the forward, outside any guard.", manual="Call adapter_doctor.ensure_patched(model), or load with adapter_doctor.runtime.load().")
 FALLBACK = Check(
     "ADC902", CAT, Severity.WARNING, "A foreign patched forward will fall back",
-    "Another runtime's forward is active on these modules and looks for attributes they lack, but guards the "
-    "lookup (getattr with a default, hasattr): it runs, on its slower fallback path.",
+    "Another runtime's forward is active on these modules and looks for attributes they lack, but only behind a "
+    "guard (getattr with a default, hasattr, try/except AttributeError), on a branch, or in one of several "
+    "functions a gate chooses between: it may run on a fallback path.",
     manual="Call adapter_doctor.ensure_patched(model) for the patched path, or load the model in a fresh process.")
 FOREIGN = Check(
     "ADC903", CAT, Severity.INFO, "Forward replaced by another runtime",
-    "The forward that runs is not the one the class's own library defines. It has everything it needs; this says "
-    "who patched it.")
+    "The forward that runs is not the one the class's own library defines, or a wrapper runs around it, or the "
+    "module is an instance of a class swapped in at module level. It has everything it needs; this says who.")
 MIXED = Check(
     "ADC904", CAT, Severity.WARNING, "Patched and unpatched layers of the same type",
     "Some instances of a module type run a patched forward and others their library's own: usually a model half "

@@ -4,10 +4,10 @@ import transformers
 from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import foreign_runtime
 from adapter_doctor import ensure_patched, inspect_model
 from adapter_doctor.cli import main
 from conftest import FIXTURES
+from standins import unsloth
 
 
 def tiny(model_type: str = "llama"):
@@ -32,7 +32,7 @@ def test_guarded_foreign_forward_is_a_warning_and_half_patched_models_are_named(
     layer = model.model.layers[0].self_attn
 
     def defensive(self, hidden_states, *args, **kwargs):
-        qkv = getattr(self, "apply_qkv", foreign_runtime.original_apply_qkv)
+        qkv = getattr(self, "apply_qkv", unsloth.original_apply_qkv)
         return qkv(self, hidden_states)
 
     layer.forward = defensive.__get__(layer)  # an instance-level patch on one of two layers
@@ -42,13 +42,32 @@ def test_guarded_foreign_forward_is_a_warning_and_half_patched_models_are_named(
 
 
 def test_class_level_patch_missing_attributes_is_an_error():
-    with foreign_runtime.patched_classes():
+    with unsloth.installed("2025.11.1"):
         model = tiny()
         (finding,) = [f for f in inspect_model(model).findings if f.id == "ADC901"]
-        assert "apply_qkv" in finding.message and "foreign_runtime" in finding.message
-        foreign_runtime.attach(model)
+        assert "apply_qkv" in finding.message and "standins.unsloth.attention_2025" in finding.message
+        unsloth.attach(model, "2025.11.1")
         assert "ADC901" not in ids(inspect_model(model))
         assert "ADC903" in ids(inspect_model(model))  # patched, and complete
+
+
+def test_a_wrapper_is_named_by_its_own_code_not_by_the_names_it_copied():
+    import functools
+    import types
+
+    model = tiny()
+
+    @functools.wraps(type(model).forward)
+    def head(self, *args, **kwargs):  # what TRL's fused head does: call the forward it captured
+        return captured(*args, **kwargs)
+
+    captured = model.forward
+    model.forward = types.MethodType(head, model)
+    (finding,) = [f for f in inspect_model(model).findings if f.id == "ADC903"]
+    assert "test_live.test_a_wrapper_is_named_by_its_own_code_not_by_the_names_it_copied.<locals>.head" in \
+        finding.message and "(library by transformers)" in finding.message
+    report = ensure_patched(model)
+    assert [m.path for m in report.kept] == [""] and vars(model)["forward"].__func__ is head
 
 
 def test_frozen_adapter_in_training_mode(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from adapter_doctor.runtime import ensure_patched, unpatch
+from adapter_doctor.runtime import PatchError, ensure_patched, unpatch
 
 
 def fast_attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
@@ -73,15 +73,31 @@ def test_working_foreign_forward_is_replaced_not_repaired(tiny):
     assert "<lambda>" in entry.replaced and not report.repaired
 
 
-def test_broken_module_without_a_spec_is_reported(tiny):
-    model = tiny.lora(tiny.base())
+def test_broken_module_without_a_spec_gets_the_library_forward_back(tiny):
+    model, clean = tiny.lora(tiny.base()), tiny.lora(tiny.base())
     rotary = model.get_base_model().model.rotary_emb
-    rotary.forward = types.MethodType(lambda self, x, position_ids: self.extend_rope_embedding(x), rotary)
+    foreign = types.MethodType(lambda self, x, position_ids: self.extend_rope_embedding(x), rotary)
+    rotary.forward = foreign
     report = ensure_patched(model)
-    assert [m.path for m in report.broken] == ["base_model.model.model.rotary_emb"]
-    assert "extend_rope_embedding" in report.broken[0].reason
-    assert report.failures and report.changed == 12
-    del rotary.forward
+    (restored,) = report.restored
+    assert restored.path == "base_model.model.model.rotary_emb" and "extend_rope_embedding" in restored.reason
+    assert "forward" not in vars(rotary) and not report.failures
+    ids = tiny.batch()
+    got, expected = tiny.run(model, ids), tiny.run(clean, ids)
+    assert tiny.rel(got[0], expected[0]) <= 1e-5
     unpatch(model)
-    with torch.no_grad():
-        model(input_ids=tiny.batch())
+    assert vars(rotary)["forward"] is foreign
+
+
+def test_a_module_left_broken_raises_before_anything_changes(tiny):
+    class Custom(torch.nn.Module):  # not a library class: its own forward is all there is to go back to,
+        def forward(self, x):  # and it needs what the instance lacks too
+            return self.scale * x
+
+    model = tiny.lora(tiny.base())
+    extra = model.get_base_model().model.extra = Custom()
+    extra.forward = types.MethodType(lambda self, x: self.missing_weight @ x, extra)
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(PatchError, match="missing_weight"):
+        ensure_patched(model)
+    assert {name: type(m) for name, m in model.named_modules()} == before
