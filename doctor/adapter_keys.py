@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
+
+from .user_regex import Matcher
 
 BASE_PREFIX = "base_model.model."
 LEADING_WRAPPERS = ("_orig_mod.", "module.")
@@ -16,7 +19,7 @@ _PARAMS = ("weight", "bias")
 _PROMPT = re.compile(r"^(prompt_embeddings|prefix_task_cols|prefix_task_rows|prompt_encoder\..*)$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AdapterKey:
     name: str  # as stored
     canonical: str  # what PEFT expects on disk
@@ -46,13 +49,16 @@ def _strip_wrappers(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def parse_key(name: str) -> AdapterKey:
-    stripped, wrappers = _strip_wrappers(name)
+    # Called once per tensor, and an adapter may have hundreds of thousands: the plain case is short.
+    wrapped = name.startswith(LEADING_WRAPPERS) or "_wrapped_module." in name
+    stripped, wrappers = _strip_wrappers(name) if wrapped else (name, ())
     has_prefix = stripped.startswith(BASE_PREFIX)
     body = stripped[len(BASE_PREFIX):] if has_prefix else stripped
     parts = body.split(".")
-    role_at = next((i for i, p in enumerate(parts) if p in LORA_ROLES), None)
-    if role_at is not None:
-        return _lora_key(name, wrappers, has_prefix, parts, role_at)
+    if "lora_" in body:
+        for role_at, part in enumerate(parts):
+            if part in LORA_ROLES:
+                return _lora_key(name, wrappers, has_prefix, parts, role_at)
     if _PROMPT.match(body):
         return AdapterKey(name, stripped, wrappers, has_prefix, "", "prompt", None, None, False)
     if len(parts) >= 3 and parts[-2] == "token_adapter":
@@ -66,6 +72,9 @@ def parse_key(name: str) -> AdapterKey:
 
 def _lora_key(name: str, wrappers: tuple[str, ...], has_prefix: bool, parts: list[str], role_at: int) -> AdapterKey:
     role, tail = parts[role_at], parts[role_at + 1:]
+    if len(tail) == 1 and tail[0] in _PARAMS and role != "lora_magnitude_vector" and parts[role_at - 1:role_at] != ["base_layer"]:
+        module = ".".join(parts[:role_at])  # the usual `<module>.lora_A.weight`: nothing to rewrite
+        return AdapterKey(name, _canonical(".".join(parts)), wrappers, has_prefix, module, role, tail[0], None, False)
     param = tail[-1] if tail and tail[-1] in _PARAMS else None
     extra = tail[:-1] if param else tail
     adapter_name = ".".join(extra) if extra else None
@@ -87,28 +96,83 @@ def _canonical(body: str) -> str:
     return BASE_PREFIX + body
 
 
-def parameter_selected(module: str, target_parameters: object) -> bool:
+MAX_SUFFIXES = 64  # real module paths have a dozen parts; a hostile name may have a million
+
+
+def dot_suffixes(module: str, longest: int | None = None) -> Iterator[str]:
+    """`module` and its parts after each `.`, from the right: what `module == t or
+    module.endswith("." + t)` tests. Only the last MAX_SUFFIXES, and none longer than `longest`."""
+    end = len(module)
+    at = module.rfind(".")
+    for _ in range(MAX_SUFFIXES):
+        if at < 0:
+            if longest is None or end <= longest:
+                yield module
+            return
+        if longest is not None and end - at - 1 > longest:
+            return
+        yield module[at + 1:]
+        at = module.rfind(".", 0, at)
+
+
+def has_dot_suffix(module: str, names: frozenset[str], longest: int) -> bool:
+    """`any(module == t or module.endswith("." + t) for t in names)`, with set lookups (`longest`: of names)."""
+    if module in names:
+        return True
+    at = module.rfind(".")
+    for _ in range(MAX_SUFFIXES):
+        if at < 0 or len(module) - at - 1 > longest:
+            return False
+        if module[at + 1:] in names:
+            return True
+        at = module.rfind(".", 0, at)
+    return False
+
+
+class ParameterSelector:
     """PEFT's target_parameters match, at module level: `<module>.<param>` ends with an entry."""
-    if not isinstance(target_parameters, list):
-        return False
-    owners = {t.rsplit(".", 1)[0] for t in target_parameters if isinstance(t, str) and "." in t}
-    return any(module == o or module.endswith("." + o) for o in owners)
+
+    def __init__(self, target_parameters: object) -> None:
+        entries = target_parameters if isinstance(target_parameters, list) else []
+        self.owners = frozenset(t.rsplit(".", 1)[0] for t in entries if isinstance(t, str) and "." in t)
+        self.longest = max(map(len, self.owners), default=0)
+
+    def __call__(self, module: str) -> bool:
+        return bool(self.owners) and has_dot_suffix(module, self.owners, self.longest)
 
 
-def module_selected(module: str, targets: object) -> bool | None:
-    """PEFT's target_modules match: exact or `.name` suffix for a list; `re.fullmatch` for a string.
+def parameter_selected(module: str, target_parameters: object) -> bool:
+    return ParameterSelector(target_parameters)(module)
 
-    Returns None when the answer needs the base model (the `all-linear` shorthand, a bad regex).
+
+class ModuleSelector:
+    """PEFT's target_modules (or exclude_modules) match, built once per config value.
+
+    A list matches a module by its name or a `.`-suffix; a string is a regex that PEFT runs with
+    `re.fullmatch`, here under `matcher`'s budget. Answers None when the answer needs the base model
+    (the `all-linear` shorthand) or the regex cannot be run (invalid, or over the budget).
     """
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return None
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return None
-    if isinstance(targets, list):
-        return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in targets)
-    return None
+
+    def __init__(self, targets: object, matcher: Matcher | None = None) -> None:
+        self.pattern = targets if isinstance(targets, str) and targets != "all-linear" else None
+        self.names = frozenset(t for t in targets if isinstance(t, str)) if isinstance(targets, list) else None
+        self.longest = max(map(len, self.names), default=0) if self.names else 0
+        self.none = targets is None
+        self.matcher = matcher or Matcher()
+
+    def __call__(self, module: str) -> bool | None:
+        if self.none:
+            return False
+        if self.names is not None:
+            return has_dot_suffix(module, self.names, self.longest)
+        if self.pattern is not None:
+            try:
+                return self.matcher.fullmatch(self.pattern, module)
+            except re.error:
+                return None
+        return None
+
+
+def module_selected(module: str, targets: object, matcher: Matcher | None = None) -> bool | None:
+    """PEFT's target_modules match for one module (build a ModuleSelector to test many)."""
+    return ModuleSelector(targets, matcher)(module)

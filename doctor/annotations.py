@@ -71,6 +71,9 @@ def _fits(value: object, node: ast.expr) -> bool:  # noqa: PLR0911 - one return 
             if not isinstance(value, list):
                 return False
             inner = args[0] if outer not in ("tuple", "Tuple") and args else None
+            simple = _SIMPLE.get(inner.id) if isinstance(inner, ast.Name) else None
+            if simple is not None:  # a list[str] may hold millions of entries
+                return all(map(simple, value))
             return inner is None or all(_fits(v, inner) for v in value)
         if outer in ("dict", "Dict", "Mapping"):
             return isinstance(value, dict)

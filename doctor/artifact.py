@@ -9,6 +9,8 @@ from functools import cached_property
 from pathlib import Path
 
 from . import pickle_scan, safetensors_header
+from .adapter_keys import AdapterKey, parse_key
+from .gc_paused import gc_paused
 from .model_card import read_front_matter
 
 CONFIG_NAME = "adapter_config.json"
@@ -16,6 +18,8 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model
 CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin")
 _LFS_PREFIX = b"version https://git-lfs"
 _PY_LITERAL = re.compile(r"(None|True|False)\b")
+MAX_CONFIG_SIZE = 64 << 20  # PEFT's configs are a few KB; a 4M-entry target_modules list is 40 MB
+MAX_CONFIG_VALUES = 6_000_000  # json builds an object per value, ~70 bytes each: this bounds memory
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class LfsPointer:
 class ConfigProblem:
     """Why adapter_config.json could not be turned into a dict."""
 
-    kind: str  # missing, unreadable, empty, lfs-pointer, not-utf8, python-literal, invalid-json, not-object
+    kind: str  # missing, unreadable, too-large, empty, lfs-pointer, not-utf8, python-literal, invalid-json, not-object
     message: str
     line: int | None = None
     column: int | None = None
@@ -60,7 +64,7 @@ class WeightsFile:
     @cached_property
     def tensors(self) -> dict[str, Tensor] | None:
         if self.header is not None:
-            return {n: Tensor(n, t.dtype, t.shape) for n, t in self.header.tensors.items()}
+            return self.header.tensors  # TensorInfo has Tensor's fields; a copy would double a large index
         if self.pickle is not None and self.pickle.tensors is not None and self.pickle.passed:
             return {n: Tensor(n, t.dtype, t.shape) for n, t in self.pickle.tensors.items()}
         return None
@@ -88,6 +92,11 @@ class Artifact:
         primary = self.primary_weights
         return None if primary is None else primary.tensors
 
+    @cached_property
+    def keys(self) -> dict[str, AdapterKey]:
+        """Every tensor name of the primary weights, parsed once for all the checks."""
+        return {n: parse_key(n) for n in self.tensors or {}}
+
 
 def read_lfs_pointer(head: bytes) -> LfsPointer:
     text = head.decode("utf-8", "replace")
@@ -98,7 +107,8 @@ def read_lfs_pointer(head: bytes) -> LfsPointer:
 
 def load_config(path: Path) -> tuple[dict | None, ConfigProblem | None]:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_SIZE + 1)
     except FileNotFoundError:
         return None, ConfigProblem("missing", f"{path.name} does not exist")
     except OSError as exc:
@@ -107,6 +117,13 @@ def load_config(path: Path) -> tuple[dict | None, ConfigProblem | None]:
 
 
 def parse_config_bytes(raw: bytes) -> tuple[dict | None, ConfigProblem | None]:
+    """The JSON object in `raw`, or why there is none. Bounded: hostile input costs no more than ~0.5 GB."""
+    if len(raw) > MAX_CONFIG_SIZE:
+        return None, ConfigProblem("too-large", f"the file is over {MAX_CONFIG_SIZE >> 20} MiB; a PEFT config is a few KB")
+    values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_CONFIG_VALUES:
+        return None, ConfigProblem("too-large", f"the file holds about {values:,} JSON values; doctor reads at most "
+                                                f"{MAX_CONFIG_VALUES:,}")
     if not raw.strip():
         return None, ConfigProblem("empty", "the file is empty" if not raw else "the file holds only whitespace")
     if raw.startswith(_LFS_PREFIX):
@@ -118,9 +135,12 @@ def parse_config_bytes(raw: bytes) -> tuple[dict | None, ConfigProblem | None]:
     except UnicodeDecodeError as exc:
         return None, ConfigProblem("not-utf8", f"not UTF-8 text (byte {exc.start})")
     try:
-        obj = json.loads(text)
+        with gc_paused():
+            obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, _json_problem(text, exc)
+    except ValueError:  # int() refuses more than 4,300 digits, and so does PEFT's json.load
+        return None, ConfigProblem("invalid-json", "an integer of more than 4,300 digits, which Python's json refuses")
     except RecursionError:
         return None, ConfigProblem("invalid-json", "JSON nested too deeply")
     if not isinstance(obj, dict):

@@ -23,6 +23,8 @@ from . import pickle_scan, safetensors_header
 _KNOWLEDGE = Path(__file__).parent / "knowledge" / "architectures.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_MAX_SHARDS = 4096  # a 405B model has 191
+_MAX_CONFIG_MODULES = 1 << 20  # layers x experts x projections that a config may imply
 
 
 @lru_cache(maxsize=1)
@@ -89,16 +91,26 @@ class BaseError(Exception):
     """A base folder that cannot be described (no or unreadable config.json)."""
 
 
+def _read_json(path: Path) -> object:
+    """A JSON file of the base, read with the adapter config's bounds. Raises OSError or BaseError."""
+    from .artifact import MAX_CONFIG_SIZE, parse_config_bytes
+
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_SIZE + 1)
+    obj, problem = parse_config_bytes(raw)
+    if problem is not None:
+        raise BaseError(f"{path}: {problem.message}")
+    return obj
+
+
 def load_base(path: Path, transformers_version: str | None) -> BaseModel:
     config_path = path / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = _read_json(config_path)
     except FileNotFoundError:
         raise BaseError(f"{path}: no config.json") from None
     except (OSError, ValueError) as exc:
         raise BaseError(f"{config_path}: unreadable ({exc})") from None
-    if not isinstance(config, dict):
-        raise BaseError(f"{config_path}: not a JSON object")
     params = _weight_shapes(path)
     tf = Version(transformers_version) if transformers_version else None
     if params:
@@ -108,24 +120,36 @@ def load_base(path: Path, transformers_version: str | None) -> BaseModel:
 
 
 def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    files = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
+    files = [path / n for n in _WEIGHT_FILES if is_file(path / n)]
     for index in _INDEX_FILES:
         try:
-            weight_map = json.loads((path / index).read_text(encoding="utf-8")).get("weight_map", {})
+            weight_map = _read_json(path / index).get("weight_map", {})
             files += sorted({path / f for f in weight_map.values() if isinstance(f, str)})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, BaseError):
             continue
+    if len(files) > _MAX_SHARDS:
+        raise BaseError(f"{path}: its index names {len(files):,} weight files")
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         shapes.update(_file_shapes(f))
+        if len(shapes) > safetensors_header.MAX_TENSORS:
+            raise BaseError(f"{path}: more than {safetensors_header.MAX_TENSORS:,} weights")
     return shapes
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file, but False for a path the OS cannot even look up (a 256-character name, a NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _file_shapes(f: Path) -> dict[str, tuple[int, ...]]:
     if f.suffix == ".safetensors":
         try:
             return {n: t.shape for n, t in safetensors_header.read_header(f).tensors.items()}
-        except (safetensors_header.HeaderError, OSError):
+        except (safetensors_header.HeaderError, OSError, ValueError):
             return {}
     scan = pickle_scan.scan(f)
     return {n: t.shape for n, t in (scan.tensors or {}).items()} if scan.passed else {}
@@ -213,6 +237,8 @@ def _modules_from_config(config: dict, tf: Version | None) -> dict[str, Module]:
     base = BaseModel(Path("."), config, {}, "config")
     dims = {name: base.dim(name) for name in arch_facts()["config_dims"]}
     layers = dims.get("layers") or 0
+    if layers * len(template) * max(1, dims.get("experts") or 1) > _MAX_CONFIG_MODULES:
+        return {}  # no real model is that deep: describing it would take hours
     params: dict[str, tuple[int, ...]] = {}
     for path, (kind, fan_in, fan_out) in template.items():
         if family in ("moe_mlp_experts", "mixtral") and ".mlp." in path:
@@ -280,7 +306,7 @@ def find_in_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     except OSError:
         return None
     snapshot = repo / "snapshots" / commit
-    return snapshot if (snapshot / "config.json").is_file() else None
+    return snapshot if is_file(snapshot / "config.json") else None
 
 
 _WINDOWS = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
@@ -316,7 +342,7 @@ def resolve_base(name: object, revision: object, flag: Path | None, adapter_root
     path = Path(text)
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, adapter_root / path]
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
+        if is_file(candidate / "config.json"):
             return _load_into(res, candidate, "path", transformers_version)
     if path.is_absolute():
         res.kind = "absolute-missing"

@@ -1,9 +1,10 @@
 """Findings and reports: the objects every check, renderer and the CLI share."""
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable
+from typing import Iterable, Sequence
 
 CATEGORIES = (
     "config-invalid",
@@ -20,6 +21,22 @@ CATEGORIES = (
     "environment",
     "training-state",
 )
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 60
+_BRIEF.maxlist = _BRIEF.maxdict = 4
+
+
+def brief(value: object) -> str:
+    """A repr for a message: short whatever the value (a config may hold a 4M-entry list, or nest 900 deep)."""
+    return _BRIEF.repr(value)
+
+
+def sample(names: Sequence[str], shown: int = 5) -> str:
+    """`a, b, c` or `a, b, c and 97 more`: a message names a few, never all of a hundred thousand."""
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown:,} more"
 
 
 class Severity(str, Enum):

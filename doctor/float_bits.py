@@ -31,6 +31,22 @@ def classify_numpy(buf: memoryview, dtype: str | None) -> tuple[bool, bool]:
     return peak == 0, peak >= exponent
 
 
+def classify_many(buf: memoryview, dtype: str | None, starts: list[int]) -> tuple[list[bool], list[bool]]:
+    """`classify_numpy` for many consecutive non-empty tensors of one dtype in one buffer, in one pass;
+    `starts`: each tensor's byte offset in `buf`, increasing."""
+    import numpy as np
+
+    spec = FLOATS.get(dtype or "")
+    if spec is None:
+        peaks = np.maximum.reduceat(np.frombuffer(buf, dtype=np.uint8), np.asarray(starts, dtype=np.intp))
+        return (peaks == 0).tolist(), [False] * len(starts)
+    width, view, magnitude, exponent = spec
+    arr = np.frombuffer(buf, dtype=view)
+    masked = np.bitwise_and(arr, arr.dtype.type(magnitude))
+    peaks = np.maximum.reduceat(masked, np.asarray(starts, dtype=np.intp) // width)
+    return (peaks == 0).tolist(), (peaks >= exponent).tolist()
+
+
 @lru_cache(maxsize=16)
 def _has_bits(mask: int) -> bytes:
     """A translate table: 1 for bytes with every bit of `mask` set, else 0."""

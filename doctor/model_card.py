@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_PEFT_LINE = re.compile(r"^\s*-\s*PEFT\s+([0-9][0-9A-Za-z.+\-]*)\s*$", re.M)
+# [ \t], not \s: \s also matches newlines, and `^\s*-` retried at every line of a blank file is quadratic.
+_PEFT_LINE = re.compile(r"^[ \t]*-[ \t]*PEFT[ \t]+([0-9][0-9A-Za-z.+\-]*)[ \t]*\r?$", re.M)
 _MAX_CARD = 1 << 20
 
 

@@ -5,14 +5,25 @@ called: a GLOBAL becomes a `GlobalRef`, a REDUCE of an allow-listed torch rebuil
 a `PickledTensor` record, and anything else becomes an opaque value. That yields the imported
 globals (for the safety verdict) and, for ordinary state dicts, the tensor index (names, dtypes,
 shapes, storage locations) that the key, shape and value checks need.
+
+Files come from strangers: the walk is bounded in opcodes and bytes, builds no value it would have
+to hash or print whole, and the index is held against the archive (every view inside its storage,
+every storage member present, of the size the pickle says, in a form torch's reader can read).
 """
 from __future__ import annotations
 
-import math
 import io
+import math
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .gc_paused import gc_paused
+
+if TYPE_CHECKING:
+    import zipfile
 
 STORAGE_DTYPES = {
     "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64",
@@ -42,8 +53,19 @@ _DANGEROUS_NAMES = {
     "__builtin__.eval", "__builtin__.exec", "operator.attrgetter", "operator.itemgetter",
     "operator.methodcaller", "functools.partial", "torch.serialization.load", "torch.load",
 }
-_MAX_OPS = 5_000_000  # state-dict pickles have a few ops per tensor; this only stops runaway input
-_MAX_PICKLE = 1 << 30
+_MAX_OPS = 2_000_000  # ~30 ops per tensor: 65,000 tensors; it bounds the walk to a few seconds
+_MAX_PICKLE = 64 << 20  # tensor data lives outside the pickle; a 100k-tensor state dict's is ~15 MB
+_MAX_MEMBERS = 1 << 19  # zip entries: one per storage, and storages are at most one per tensor
+
+
+@lru_cache(maxsize=1)
+def zip_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged zip archive raises (zipfile is imported only for archives)."""
+    import zipfile
+    import zlib
+
+    return (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+            NotImplementedError, KeyError, struct.error, UnicodeDecodeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -119,24 +141,93 @@ def is_dangerous(dotted: str) -> bool:
     return dotted in _DANGEROUS_NAMES or module.split(".")[0] in _DANGEROUS_MODULES or dotted.startswith("?")
 
 
+class _OtherKey:
+    """A dict key that is not a string. It is never hashed or compared by value: a pickle can build a
+    key a million tuples deep, and hashing that overflows the C stack."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, key: object) -> None:
+        self.text = describe(key)
+
+
+def describe(value: object) -> str:
+    """A short, safe description of a symbolic value (never its repr, which may recurse or be huge)."""
+    if isinstance(value, str):
+        return value if len(value) <= 80 else value[:77] + "..."
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() <= 64:
+        return str(value)
+    if isinstance(value, _OtherKey):
+        return value.text
+    return f"<{type(value).__name__}>"
+
+
 class _Machine:
     def __init__(self, scan: PickleScan) -> None:
         self.scan = scan
         self.stack: list[object] = []
         self.memo: dict[int, object] = {}
+        self.handlers = self._handlers()
 
     def run(self, stream: io.BufferedIOBase) -> object:
         import pickletools  # imported here: checking safetensors-only adapters should not pay for it
 
-        ops = 0
-        for op, arg, _pos in pickletools.genops(stream):
-            ops += 1
+        handlers = self.handlers
+        for ops, (op, arg, _pos) in enumerate(pickletools.genops(stream), 1):
             if ops > _MAX_OPS:
-                raise ValueError("pickle has too many opcodes")
+                raise ValueError(f"pickle has more than {_MAX_OPS:,} opcodes")
             if op.name == "STOP":
                 return self.stack.pop() if self.stack else None
-            self.step(op.name, arg)
+            handler = handlers.get(op.name)
+            if handler is None:
+                raise ValueError(f"unsupported pickle opcode {op.name}")
+            handler(arg)
         raise ValueError("pickle ended without STOP")
+
+    def _handlers(self) -> dict[str, Callable[[object], None]]:
+        # One entry per opcode: a dict lookup per op instead of a chain of comparisons.
+        s, push = self.stack, self.stack.append
+        out: dict[str, Callable[[object], None]] = {
+            "PROTO": _ignore, "FRAME": _ignore,
+            "MARK": lambda _: push(_MARK),
+            "EMPTY_DICT": lambda _: push({}),
+            "EMPTY_LIST": lambda _: push([]),
+            "EMPTY_TUPLE": lambda _: push(()),
+            "EMPTY_SET": lambda _: push(_Opaque()),
+            "NONE": lambda _: push(None),
+            "NEWTRUE": lambda _: push(True),
+            "NEWFALSE": lambda _: push(False),
+            "TUPLE1": lambda _: self.tuple_of(1), "TUPLE2": lambda _: self.tuple_of(2),
+            "TUPLE3": lambda _: self.tuple_of(3),
+            "TUPLE": lambda _: push(tuple(self.pop_mark())),
+            "LIST": lambda _: push(self.pop_mark()),
+            "DICT": lambda _: push(self.dict_of(self.pop_mark())),
+            "FROZENSET": lambda _: (self.pop_mark(), push(_Opaque())),
+            "APPEND": self.append, "APPENDS": self.extend, "ADDITEMS": self.extend,
+            "SETITEM": self.setitem, "SETITEMS": self.setitems,
+            "PUT": self.put, "BINPUT": self.put, "LONG_BINPUT": self.put,
+            "MEMOIZE": lambda _: self.memo.__setitem__(len(self.memo), s[-1]),
+            "GET": self.get, "BINGET": self.get, "LONG_BINGET": self.get,
+            "GLOBAL": lambda arg: push(self.add_global(*_split_global(arg))),
+            "STACK_GLOBAL": self.stack_global,
+            "INST": self.inst, "OBJ": self.obj,
+            "PERSID": lambda arg: push(_storage(arg)),
+            "BINPERSID": lambda _: push(_storage(s.pop())),
+            "REDUCE": self.reduce,
+            "NEWOBJ": lambda _: self.replace_top(2), "NEWOBJ_EX": lambda _: self.replace_top(3),
+            "BUILD": lambda _: s.pop(), "POP": lambda _: s.pop(),
+            "POP_MARK": lambda _: self.pop_mark(),
+            "DUP": lambda _: push(s[-1]),
+            "NEXT_BUFFER": lambda _: push(_Opaque()), "READONLY_BUFFER": lambda _: push(_Opaque()),
+        }
+        for name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING",
+                     "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+                     "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"):
+            out[name] = push
+        for name in ("EXT1", "EXT2", "EXT4"):
+            # The copyreg extension registry resolves to a global the file does not name.
+            out[name] = lambda _: push(self.add_global(None, None))
+        return out
 
     def pop_mark(self) -> list[object]:
         items: list[object] = []
@@ -152,115 +243,81 @@ class _Machine:
             self.scan.globals.append(ref.dotted)
         return ref
 
-    def step(self, name: str, arg: object) -> None:  # noqa: C901 - one branch per opcode family
-        s = self.stack
-        if name in ("PROTO", "FRAME"):
-            return
-        if name == "MARK":
-            s.append(_MARK)
-        elif name in ("EMPTY_DICT",):
-            s.append({})
-        elif name in ("EMPTY_LIST",):
-            s.append([])
-        elif name in ("EMPTY_TUPLE",):
-            s.append(())
-        elif name in ("EMPTY_SET",):
-            s.append(_Opaque())
-        elif name == "NONE":
-            s.append(None)
-        elif name in ("NEWTRUE", "NEWFALSE"):
-            s.append(name == "NEWTRUE")
-        elif name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-                      "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-                      "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"):
-            s.append(arg)
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            n = int(name[-1])
-            items = s[-n:]
-            del s[-n:]
-            s.append(tuple(items))
-        elif name == "TUPLE":
-            s.append(tuple(self.pop_mark()))
-        elif name == "LIST":
-            s.append(self.pop_mark())
-        elif name == "DICT":
-            items = self.pop_mark()
-            s.append(dict(zip(items[::2], items[1::2])))
-        elif name in ("FROZENSET",):
-            self.pop_mark()
-            s.append(_Opaque())
-        elif name == "APPEND":
-            value = s.pop()
-            if isinstance(s[-1], list):
-                s[-1].append(value)
-        elif name in ("APPENDS", "ADDITEMS"):
-            items = self.pop_mark()
-            if isinstance(s[-1], list):
-                s[-1].extend(items)
-        elif name == "SETITEM":
-            value, key = s.pop(), s.pop()
-            self._setitem(s[-1], key, value)
-        elif name == "SETITEMS":
-            items = self.pop_mark()
-            for key, value in zip(items[::2], items[1::2]):
-                self._setitem(s[-1], key, value)
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            self.memo[int(arg)] = s[-1]
-        elif name == "MEMOIZE":
-            self.memo[len(self.memo)] = s[-1]
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            s.append(self.memo[int(arg)])
-        elif name == "GLOBAL":
-            module, _, attr = str(arg).partition(" ")
-            s.append(self.add_global(module, attr))
-        elif name == "STACK_GLOBAL":
-            attr, module = s.pop(), s.pop()
-            s.append(self.add_global(module, attr))
-        elif name == "INST":
-            module, _, attr = str(arg).partition(" ")
-            self.add_global(module, attr)
-            self.pop_mark()
-            s.append(_Opaque())
-        elif name == "OBJ":
-            items = self.pop_mark()
-            if items and not isinstance(items[0], GlobalRef):
-                self.add_global(None, None)
-            s.append(_Opaque())
-        elif name in ("EXT1", "EXT2", "EXT4"):
-            # The copyreg extension registry resolves to a global the file does not name.
-            s.append(self.add_global(None, None))
-        elif name in ("PERSID", "BINPERSID"):
-            pid = arg if name == "PERSID" else s.pop()
-            s.append(_storage(pid))
-        elif name == "REDUCE":
-            args, func = s.pop(), s.pop()
-            s.append(_reduce(func, args))
-        elif name in ("NEWOBJ", "NEWOBJ_EX"):
-            if name == "NEWOBJ_EX":
-                s.pop()
-            s.pop()
-            s.pop()
-            s.append(_Opaque())
-        elif name == "BUILD":
-            s.pop()
-        elif name == "POP":
-            s.pop()
-        elif name == "POP_MARK":
-            self.pop_mark()
-        elif name == "DUP":
-            s.append(s[-1])
-        elif name in ("NEXT_BUFFER", "READONLY_BUFFER"):
-            s.append(_Opaque())
-        else:
-            raise ValueError(f"unsupported pickle opcode {name}")
+    def tuple_of(self, n: int) -> None:
+        items = self.stack[-n:]
+        del self.stack[-n:]
+        self.stack.append(tuple(items))
 
-    @staticmethod
-    def _setitem(target: object, key: object, value: object) -> None:
-        if isinstance(target, dict):
-            try:
-                target[key] = value
-            except TypeError:  # unhashable symbolic key
-                pass
+    def dict_of(self, items: list[object]) -> dict:
+        out: dict = {}
+        for key, value in zip(items[::2], items[1::2]):
+            _setitem(out, key, value)
+        return out
+
+    def append(self, _: object) -> None:
+        value = self.stack.pop()
+        if isinstance(self.stack[-1], list):
+            self.stack[-1].append(value)
+
+    def extend(self, _: object) -> None:
+        items = self.pop_mark()
+        if isinstance(self.stack[-1], list):
+            self.stack[-1].extend(items)
+
+    def setitem(self, _: object) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        _setitem(self.stack[-1], key, value)
+
+    def setitems(self, _: object) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        for key, value in zip(items[::2], items[1::2]):
+            _setitem(target, key, value)
+
+    def put(self, arg: object) -> None:
+        self.memo[int(arg)] = self.stack[-1]
+
+    def get(self, arg: object) -> None:
+        self.stack.append(self.memo[int(arg)])
+
+    def stack_global(self, _: object) -> None:
+        attr, module = self.stack.pop(), self.stack.pop()
+        self.stack.append(self.add_global(module, attr))
+
+    def inst(self, arg: object) -> None:
+        self.add_global(*_split_global(arg))
+        self.pop_mark()
+        self.stack.append(_Opaque())
+
+    def obj(self, _: object) -> None:
+        items = self.pop_mark()
+        if items and not isinstance(items[0], GlobalRef):
+            self.add_global(None, None)
+        self.stack.append(_Opaque())
+
+    def reduce(self, _: object) -> None:
+        args, func = self.stack.pop(), self.stack.pop()
+        self.stack.append(_reduce(func, args))
+
+    def replace_top(self, n: int) -> None:
+        if len(self.stack) < n:
+            raise IndexError("pop from empty stack")
+        del self.stack[-n:]
+        self.stack.append(_Opaque())
+
+
+def _ignore(_: object) -> None:
+    return None
+
+
+def _split_global(arg: object) -> tuple[str, str]:
+    module, _, attr = str(arg).partition(" ")
+    return module, attr
+
+
+def _setitem(target: object, key: object, value: object) -> None:
+    if isinstance(target, dict):
+        target[key if type(key) is str else _OtherKey(key)] = value
 
 
 def _storage(pid: object) -> object:
@@ -298,10 +355,10 @@ def _collect_tensors(scan: PickleScan, obj: object) -> None:
         return
     scan.tensors = {}
     for key, value in obj.items():
-        if isinstance(key, str) and isinstance(value, PickledTensor):
+        if type(key) is str and isinstance(value, PickledTensor):
             scan.tensors[key] = value
         else:
-            scan.other_entries.append(str(key))
+            scan.other_entries.append(describe(key))
 
 
 def scan(path: Path) -> PickleScan:
@@ -321,74 +378,154 @@ def _scan_zip(path: Path) -> PickleScan:
 
     result = PickleScan("zip")
     try:
+        with open(path, "rb") as fh:  # before zipfile builds an object per entry
+            entries = zip_entry_count(fh)
+        if entries > _MAX_MEMBERS:
+            result.error = f"zip archive lists {entries:,} entries (a torch archive has one per storage)"
+            return result
         with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
-            if len(pkls) != 1:
-                result.error = f"zip archive holds {len(pkls)} data.pkl entries (a torch archive has one)"
-                return result
-            result.archive_prefix = pkls[0][: -len("data.pkl")]
-            if zf.getinfo(pkls[0]).file_size > _MAX_PICKLE:
-                result.error = f"data.pkl unpacks to {zf.getinfo(pkls[0]).file_size:,} bytes (a state dict's is small)"
-                return result
-            payload = zf.read(pkls[0])
-    except (zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError, EOFError) as exc:
+            _scan_archive(result, zf)
+    except zip_errors() as exc:
         # A torch archive cut short loses its central directory, which sits at the end.
-        result.error = f"damaged or truncated zip archive ({exc})"
-        return result
-    _run_one(result, io.BytesIO(payload), collect=True)
+        result.error = f"damaged or truncated zip archive ({type(exc).__name__}: {exc})"
     return result
+
+
+def _scan_archive(result: PickleScan, zf: zipfile.ZipFile) -> None:
+    pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
+    if len(pkls) != 1:
+        result.error = f"zip archive holds {len(pkls)} data.pkl entries (a torch archive has one)"
+        return
+    result.archive_prefix = pkls[0][: -len("data.pkl")]
+    unreadable = next((i for i in zf.infolist() if _member_problem(i)), None)
+    if unreadable is not None:
+        result.error = f"member {unreadable.filename}: {_member_problem(unreadable)}"
+        return
+    info = zf.getinfo(pkls[0])
+    if info.file_size > _MAX_PICKLE:
+        result.error = f"data.pkl unpacks to {info.file_size:,} bytes (a state dict's is small)"
+        return
+    _run_one(result, io.BytesIO(zf.read(info)), collect=True)
+    if result.error is None and result.tensors and not result.unsafe:
+        result.error = _views_problem(result.tensors) or _zip_storage_problem(result, zf)
+
+
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    # torch reads archives with miniz: stored or deflated members only, never encrypted ones.
+    import zipfile
+
+    if info.flag_bits & 0x1:
+        return "encrypted, which torch cannot read"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return f"compression method {info.compress_type}, which torch cannot read (stored or deflated only)"
+    limit = info.compress_size if info.compress_type == zipfile.ZIP_STORED else 1032 * info.compress_size + 64
+    if info.file_size > limit:  # deflate expands at most 1032:1; the header lies
+        return f"declares {info.file_size:,} bytes from {info.compress_size:,} compressed"
+    return None
+
+
+def zip_entry_count(fh: io.BufferedIOBase) -> int:
+    """The entry count from the end-of-central-directory record (zip64 included), 0 if none is found."""
+    size = fh.seek(0, io.SEEK_END)
+    tail_size = min(size, 22 + 0xFFFF)
+    fh.seek(size - tail_size)
+    tail = fh.read(tail_size)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return 0
+    (count,) = struct.unpack_from("<H", tail, at + 10)
+    locator = at - 20
+    if count == 0xFFFF and locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
+        (record,) = struct.unpack_from("<Q", tail, locator + 8)
+        if record + 56 <= size:
+            fh.seek(record)
+            head = fh.read(56)
+            if head[:4] == b"PK\x06\x06":
+                (count,) = struct.unpack_from("<Q", head, 32)
+    return count
+
+
+def _views_problem(tensors: dict[str, PickledTensor]) -> str | None:
+    """Why torch would refuse to rebuild one of the tensors (a view outside its storage and the like)."""
+    for name, t in tensors.items():
+        problem = view_problem(t)
+        if problem:
+            return f"tensor {describe(name)!r} {problem}"
+    return None
+
+
+def view_problem(t: PickledTensor) -> str | None:
+    numel = t.storage.numel
+    width = element_size(t.storage.dtype or "")
+    if width is None or numel is None or not 0 <= numel < 1 << 60:
+        return "has a storage of unknown type or size"
+    if len(t.shape) != len(t.stride) or len(t.shape) > 64:
+        return f"has {len(t.shape)} sizes and {len(t.stride)} strides (torch needs as many, at most 64)"
+    if t.offset < 0 or min(t.shape, default=0) < 0 or min(t.stride, default=0) < 0:
+        return "has a negative size, stride or offset"
+    if 0 in t.shape:
+        return None
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    if last >= numel:
+        return f"reads element {last:,} of a {numel:,}-element storage"
+    return None
+
+
+def _zip_storage_problem(result: PickleScan, zf: zipfile.ZipFile) -> str | None:
+    storages = {t.storage.key: t.storage for t in result.tensors.values()}
+    for key, storage in storages.items():
+        member = f"{result.archive_prefix}data/{key}"
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            return f"storage {describe(key)!r} is missing from the archive (no {describe(member)})"
+        want = storage.numel * element_size(storage.dtype)
+        if info.file_size != want:
+            return f"storage {describe(key)!r} holds {info.file_size:,} bytes; its {storage.numel:,} elements need {want:,}"
+    return None
 
 
 def _scan_stream(path: Path) -> PickleScan:
     result = PickleScan("pickle")
     with open(path, "rb") as fh:
         size = fh.seek(0, io.SEEK_END)
-        fh.seek(0)
         if size == 0:
             result.error = "the file is empty"
             return result
+        fh.seek(0)
+        # The pickles come first (and, in the legacy format, storages after them): only they are read.
+        head = io.BytesIO(fh.read(_MAX_PICKLE))
+        end = len(head.getbuffer())
         objects: list[object] = []
-        while fh.tell() < size and result.error is None and len(objects) < 5:
-            objects.append(_run_one(result, fh, collect=False))
+        while head.tell() < end and result.error is None and len(objects) < 5:
+            objects.append(_run_one(result, head, collect=False, file_size=size))
         if result.error is None and _is_legacy_torch(objects):
             result.format = "legacy"
             _collect_tensors(result, objects[3])
-            _legacy_storage_layout(result, fh, objects[4], size)
-        elif result.error is None and fh.tell() < size and len(objects) < 5:
+            _legacy_storage_layout(result, fh, objects[4], head.tell(), size)
+        elif result.error is None and head.tell() < size and len(objects) < 5:
             result.error = "bytes after the last pickle"
         elif result.error is None:
-            while fh.tell() < size and result.error is None:  # a file of several plain pickles
-                objects.append(_run_one(result, fh, collect=False))
+            while head.tell() < end and result.error is None:  # a file of several plain pickles
+                objects.append(_run_one(result, head, collect=False, file_size=size))
+            if result.error is None and end < size:
+                result.error = f"pickle data runs past the first {_MAX_PICKLE >> 20} MiB (a state dict's is small)"
             if objects:
                 _collect_tensors(result, objects[0])
     return result
 
 
-class _Bounded:
-    """A reader that never asks for more than the stream holds: a pickle may claim a 2**63-byte string."""
-
-    def __init__(self, stream: io.BufferedIOBase, size: int) -> None:
-        self.stream, self.size = stream, size
-
-    def read(self, n: int = -1) -> bytes:
-        left = self.size - self.stream.tell()
-        return self.stream.read(left if n < 0 or n > left else n)
-
-    def readline(self) -> bytes:
-        return self.stream.readline(max(0, self.size - self.stream.tell()))
-
-    def tell(self) -> int:
-        return self.stream.tell()
-
-
-def _run_one(result: PickleScan, stream: io.BufferedIOBase, collect: bool) -> object:
-    here = stream.tell()
-    size = stream.seek(0, io.SEEK_END)
-    stream.seek(here)
+def _run_one(result: PickleScan, stream: io.BytesIO, collect: bool, file_size: int | None = None) -> object:
     try:
-        obj = _Machine(result).run(_Bounded(stream, size))
-    except (ValueError, IndexError, KeyError, EOFError, struct.error, UnicodeDecodeError, MemoryError) as exc:
-        result.error = f"malformed pickle: {exc}"
+        with gc_paused():
+            obj = _Machine(result).run(stream)
+    except (ValueError, IndexError, KeyError, EOFError, struct.error, UnicodeDecodeError, MemoryError, TypeError,
+            OverflowError, RecursionError) as exc:
+        end = len(stream.getbuffer())
+        if file_size is not None and file_size > end and stream.tell() >= end:
+            result.error = f"pickle data runs past the first {_MAX_PICKLE >> 20} MiB (a state dict's is small)"
+        else:
+            result.error = f"malformed pickle: {exc}"
         return None
     if collect:
         _collect_tensors(result, obj)
@@ -399,26 +536,37 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _is_legacy_torch(objects: list[object]) -> bool:
-    return len(objects) == 5 and objects[0] == _LEGACY_MAGIC and isinstance(objects[4], list)
+    return len(objects) == 5 and type(objects[0]) is int and objects[0] == _LEGACY_MAGIC and isinstance(objects[4], list)
 
 
-def _legacy_storage_layout(result: PickleScan, fh: io.BufferedIOBase, keys: list[object], size: int) -> None:
+def _legacy_storage_layout(result: PickleScan, fh: io.BufferedIOBase, keys: list[object], start: int, size: int) -> None:
     # After the pickles come the storages in `keys` order, each as an int64 element count and raw bytes.
     storages = {t.storage.key: t.storage for t in (result.tensors or {}).values()}
+    problem = _views_problem(result.tensors or {})
+    if problem:
+        result.error = problem
+        return
+    fh.seek(start)
     for key in keys:
         header = fh.read(8)
         if len(header) < 8:
             result.error = "file ends before all storages are stored (truncated)"
             return
         (numel,) = struct.unpack("<q", header)
-        result.storage_offsets[str(key)] = fh.tell()
-        storage = storages.get(str(key))
-        width = element_size(storage.dtype) if storage and storage.dtype else None
-        if width is None or numel < 0:
-            result.error = f"cannot size storage {key!r}"
+        storage = storages.get(key) if type(key) is str else None
+        if storage is None or numel < 0 or numel != storage.numel:
+            result.error = f"cannot size storage {describe(key)!r} ({numel:,} elements stored)"
             return
-        fh.seek(numel * width, io.SEEK_CUR)
-    if fh.tell() != size:
+        at, nbytes = fh.tell(), numel * element_size(storage.dtype)
+        if nbytes > size - at:
+            result.error = f"file ends inside storage {describe(key)!r} (truncated)"
+            return
+        result.storage_offsets[key] = at
+        fh.seek(at + nbytes)
+    missing = next((k for k in storages if k not in result.storage_offsets), None)
+    if missing is not None:
+        result.error = f"storage {describe(missing)!r} is not in the file"
+    elif fh.tell() != size:
         result.error = "file size does not match its storages (truncated or trailing bytes)"
 
 

@@ -1,15 +1,40 @@
-"""Stream the raw bytes of saved tensors, from safetensors or torch pickles, without torch."""
+"""Stream the raw bytes of saved tensors, from safetensors or torch pickles, without torch.
+
+Memory stays bounded whatever a file claims: data is read in chunks of at most CHUNK bytes, a
+strided view is read as the span of storage it covers (gathered element by element only when that
+span is small), and decompression never goes past the sizes the archive declares, nor past a budget
+proportional to the file's own size.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from .artifact import WeightsFile
-from .float_bits import classify_bytes, classify_numpy
-from .pickle_scan import PickledTensor, element_size
+from .float_bits import classify_bytes, classify_many, classify_numpy
+from .pickle_scan import PickledTensor, element_size, zip_errors
+
+if TYPE_CHECKING:
+    import hashlib
+    import zipfile
 
 CHUNK = 1 << 24  # bytes per step; large enough to amortise numpy call overhead
 SMALL = 1 << 20  # below this much data, importing numpy costs more than the scan itself
+GATHER_LIMIT = 1 << 26  # a non-contiguous view is gathered exactly when the storage it spans fits this
+_MIN_BUDGET = 1 << 28
+_BATCHED = 1 << 16  # tensors smaller than this are classified many at a time
+
+Chunks = Iterator[tuple[str, str | None, memoryview]]
+Reader = Callable[[int, int], Iterator[memoryview]]  # storage byte range -> its bytes, chunk by chunk
+
+
+class TensorDataError(Exception):
+    """The tensor data cannot be read as the index describes it. `kind`: "damaged" or "expands"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -18,71 +43,212 @@ class TensorStats:
     nonfinite: bool = False  # NaN or Inf somewhere
 
 
-def _safetensors_regions(wf: WeightsFile) -> Iterator[tuple[str, str, memoryview]]:
-    # One reused buffer: chunks are only valid until the next one is read.
+class _Budget:
+    """Bytes that may be read or inflated in one pass: views and deflate can multiply a small file."""
+
+    def __init__(self, file_size: int) -> None:
+        self.total = self.left = max(_MIN_BUDGET, 16 * file_size)
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise TensorDataError("expands", f"its tensors expand to more than {self.total:,} bytes of data "
+                                             "(a decompression bomb, or views that repeat one storage)")
+
+
+def _safetensors_regions(wf: WeightsFile) -> Chunks:
+    # Tensors are contiguous and in file order, so one forward pass of large reads serves them all.
     assert wf.header is not None
-    buf = memoryview(bytearray(min(CHUNK, max((t.nbytes for t in wf.header.tensors.values()), default=0))))
     with open(wf.path, "rb", buffering=0) as fh:
+        block, block_start = b"", 0
         for t in wf.header.tensors.values():
-            fh.seek(t.begin)
-            for start in range(t.begin, t.end, CHUNK):
-                n = fh.readinto(buf[:min(CHUNK, t.end - start)])
-                yield t.name, t.dtype, buf[:n]
+            pos = t.begin
+            while pos < t.end:
+                if not block_start <= pos < block_start + len(block):
+                    fh.seek(pos)
+                    block, block_start = fh.read(CHUNK), pos
+                    if not block:
+                        raise TensorDataError("damaged", f"the file ends inside tensor {t.name!r}")
+                take = min(t.end, block_start + len(block)) - pos
+                yield t.name, t.dtype, memoryview(block)[pos - block_start:pos - block_start + take]
+                pos += take
 
 
-def _pickle_regions(wf: WeightsFile) -> Iterator[tuple[str, str, memoryview]]:
-    scan = wf.pickle
-    assert scan is not None and scan.tensors is not None
-    if scan.format == "zip":
-        import zipfile
-
-        with zipfile.ZipFile(wf.path) as zf:
-            for name, t in scan.tensors.items():
-                data = zf.read(f"{scan.archive_prefix}data/{t.storage.key}")
-                yield name, t.dtype, memoryview(_tensor_bytes(data, t))
-    elif scan.format == "legacy":
-        with open(wf.path, "rb") as fh:
-            for name, t in scan.tensors.items():
-                width = element_size(t.dtype or "") or 1
-                fh.seek(scan.storage_offsets[t.storage.key])
-                data = fh.read((t.storage.numel or 0) * width)
-                yield name, t.dtype, memoryview(_tensor_bytes(data, t))
+def _direct_reader(fh: BinaryIO, base: int, budget: _Budget) -> Reader:
+    def read(start: int, stop: int) -> Iterator[memoryview]:
+        budget.spend(stop - start)
+        fh.seek(base + start)
+        while start < stop:
+            data = fh.read(min(CHUNK, stop - start))
+            if not data:
+                raise TensorDataError("damaged", "the file ends inside a storage (truncated)")
+            start += len(data)
+            yield memoryview(data)
+    return read
 
 
-def _tensor_bytes(storage: bytes, t: PickledTensor) -> bytes:
-    """The bytes of `t` from its storage, in C order (views and non-contiguous tensors included)."""
+def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> Reader:
+    def read(start: int, stop: int) -> Iterator[memoryview]:
+        pos = 0
+        with zf.open(info) as member:  # inflates at most info.file_size bytes, then checks the CRC
+            while pos < stop:
+                want = min(CHUNK, stop - pos) if pos >= start else min(CHUNK, start - pos)
+                budget.spend(want)
+                data = member.read(want)
+                if not data:
+                    raise TensorDataError("damaged", f"{info.filename} ends early")
+                if pos + len(data) > start:
+                    yield memoryview(data)[max(0, start - pos):]
+                pos += len(data)
+    return read
+
+
+def _zip_readers(wf: WeightsFile, zf: zipfile.ZipFile, fh: BinaryIO, budget: _Budget) -> Callable[[str], Reader]:
+    import zipfile
+
+    prefix = wf.pickle.archive_prefix
+
+    def reader(key: str) -> Reader:
+        info = zf.getinfo(f"{prefix}data/{key}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return _member_reader(zf, info, budget)
+        name_len, extra_len = _local_header(fh, info.header_offset)
+        return _direct_reader(fh, info.header_offset + 30 + name_len + extra_len, budget)
+    return reader
+
+
+def _local_header(fh: BinaryIO, offset: int) -> tuple[int, int]:
+    fh.seek(offset)
+    head = fh.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise TensorDataError("damaged", f"no zip member header at byte {offset:,}")
+    return int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+
+
+def _collapse(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Drop dims that do not move through storage (size 1, or stride 0 as `expand` makes)."""
+    kept = [(d, s) for d, s in zip(shape, stride) if d != 1 and s != 0]
+    return [d for d, _ in kept], [s for _, s in kept]
+
+
+def _view_chunks(name: str, t: PickledTensor, read: Reader) -> Chunks:
     width = element_size(t.dtype or "") or 1
     if t.numel == 0:
-        return b""
-    if t.contiguous:
-        start = t.offset * width
-        return storage[start:start + t.numel * width]
+        return
+    shape, stride = _collapse(t.shape, t.stride)
+    lo, count = t.offset, math.prod(shape)
+    hi = lo + sum((d - 1) * s for d, s in zip(shape, stride)) + 1  # one past the last element it reads
+    if hi - lo == count and all(s == math.prod(shape[i + 1:]) for i, s in enumerate(stride)):
+        chunks = read(lo * width, hi * width)  # C-contiguous
+    elif count <= hi - lo and (hi - lo) * width <= GATHER_LIMIT:
+        chunks = _gather(b"".join(read(lo * width, hi * width)), shape, stride, width)
+    else:  # a view that reads its elements more than once: the span it covers stands for it
+        chunks = read(lo * width, hi * width)
+    for chunk in chunks:
+        yield name, t.dtype, chunk
+
+
+def _gather(span: bytes, shape: list[int], stride: list[int], width: int) -> Iterator[memoryview]:
     import numpy as np
 
-    flat = np.frombuffer(storage, dtype=np.uint8).reshape(-1, width)
-    idx = np.full(t.shape, t.offset, dtype=np.int64)
-    for axis, (size, stride) in enumerate(zip(t.shape, t.stride)):
-        shape = [1] * len(t.shape)
-        shape[axis] = size
-        idx = idx + (np.arange(size, dtype=np.int64) * stride).reshape(shape)
-    return flat[idx.ravel()].tobytes()
+    elements = np.frombuffer(span, dtype=np.uint8).reshape(-1, width)
+    view = np.lib.stride_tricks.as_strided(elements, shape=(*shape, width),
+                                           strides=(*(s * width for s in stride), 1), writeable=False)
+    rows = max(1, CHUNK // (width * math.prod(shape[1:])))
+    for i in range(0, shape[0], rows):
+        yield memoryview(np.ascontiguousarray(view[i:i + rows]).reshape(-1))
 
 
-def regions(wf: WeightsFile) -> Iterator[tuple[str, str | None, memoryview]]:
-    """(tensor name, dtype, byte chunk) over every tensor, in file order."""
+def _pickle_regions(wf: WeightsFile) -> Chunks:
+    scan = wf.pickle
+    assert scan is not None and scan.tensors is not None
+    budget = _Budget(wf.size)
+    with open(wf.path, "rb") as fh:
+        if scan.format == "zip":
+            import zipfile
+
+            with zipfile.ZipFile(fh) as zf:
+                reader = _zip_readers(wf, zf, fh, budget)
+                for name, t in scan.tensors.items():
+                    yield from _view_chunks(name, t, reader(t.storage.key))
+        elif scan.format == "legacy":
+            for name, t in scan.tensors.items():
+                yield from _view_chunks(name, t, _direct_reader(fh, scan.storage_offsets[t.storage.key], budget))
+
+
+def regions(wf: WeightsFile) -> Chunks:
+    """(tensor name, dtype, byte chunk) over every tensor, in file order. Raises TensorDataError."""
     if wf.header is not None:
-        return _safetensors_regions(wf)
-    if wf.pickle is not None and wf.pickle.passed and wf.pickle.tensors is not None:
-        return _pickle_regions(wf)
-    return iter(())
+        inner = _safetensors_regions(wf)
+    elif wf.pickle is not None and wf.pickle.passed and wf.pickle.tensors is not None:
+        inner = _pickle_regions(wf)
+    else:
+        return
+    try:
+        yield from inner
+    except TensorDataError:
+        raise
+    except zip_errors() as exc:  # a corrupt deflate stream, a bad CRC, an I/O error
+        raise TensorDataError("damaged", f"cannot read the tensor data ({type(exc).__name__}: {exc})") from None
+
+
+def _scan_safetensors(wf: WeightsFile) -> dict[str, TensorStats]:
+    # Runs of small tensors of one dtype are classified with one numpy call per run, not one per tensor:
+    # a per-expert MoE adapter has hundreds of thousands of them. One buffer is reused for every read.
+    stats: dict[str, TensorStats] = {}
+    tensors = [t for t in wf.header.tensors.values() if t.end > t.begin]
+    buf = memoryview(bytearray(min(CHUNK, tensors[-1].end - tensors[0].begin if tensors else 0)))
+    with open(wf.path, "rb", buffering=0) as fh:
+        i = 0
+        while i < len(tensors):
+            first, j = tensors[i], i
+            while (j < len(tensors) and tensors[j].dtype == first.dtype and tensors[j].nbytes < _BATCHED
+                   and tensors[j].end - first.begin <= CHUNK):
+                j += 1
+            if j == i:  # a large tensor: numpy's max is fastest on it alone
+                _scan_chunks(fh, first, buf, stats)
+                i += 1
+                continue
+            data = _read_exactly(fh, first.begin, buf[:tensors[j - 1].end - first.begin], tensors[j - 1].name)
+            zeros, nonfinite = classify_many(data, first.dtype, [t.begin - first.begin for t in tensors[i:j]])
+            for t, zero, bad in zip(tensors[i:j], zeros, nonfinite):
+                stats[t.name] = TensorStats(zero, bad)
+            i = j
+    return stats
+
+
+def _read_exactly(fh: BinaryIO, offset: int, into: memoryview, name: str) -> memoryview:
+    fh.seek(offset)
+    done = 0
+    while done < len(into):
+        n = fh.readinto(into[done:])
+        if not n:
+            raise TensorDataError("damaged", f"the file ends inside tensor {name!r}")
+        done += n
+    return into
+
+
+def _scan_chunks(fh: BinaryIO, t, buf: memoryview, stats: dict[str, TensorStats]) -> None:
+    entry = stats[t.name] = TensorStats()
+    for start in range(t.begin, t.end, CHUNK):
+        zero, nonfinite = classify_numpy(_read_exactly(fh, start, buf[:min(CHUNK, t.end - start)], t.name), t.dtype)
+        entry.all_zero &= zero
+        entry.nonfinite |= nonfinite
 
 
 def scan_values(wf: WeightsFile) -> dict[str, TensorStats]:
     """One streaming pass over every tensor's data."""
+    if wf.header is not None and wf.size >= SMALL:
+        try:
+            return _scan_safetensors(wf)
+        except OSError as exc:
+            raise TensorDataError("damaged", f"cannot read the tensor data ({exc.strerror or exc})") from None
     classify = classify_bytes if wf.size < SMALL else classify_numpy
     stats: dict[str, TensorStats] = {}
     for name, dtype, chunk in regions(wf):
-        entry = stats.setdefault(name, TensorStats())
+        entry = stats.get(name)
+        if entry is None:
+            entry = stats[name] = TensorStats()
         if len(chunk):
             zero, nonfinite = classify(chunk, dtype)
             entry.all_zero &= zero
@@ -90,9 +256,14 @@ def scan_values(wf: WeightsFile) -> dict[str, TensorStats]:
     return stats
 
 
-def tensor_bytes(wf: WeightsFile) -> dict[str, bytes]:
-    """Every tensor's bytes (small adapters only: used to compare a .bin with its .safetensors twin)."""
-    out: dict[str, bytearray] = {}
+def tensor_digests(wf: WeightsFile) -> dict[str, bytes]:
+    """A digest of every tensor's bytes, in C order: two files hold the same values when these match."""
+    import hashlib
+
+    hashes: dict[str, hashlib.blake2b] = {}
     for name, _dtype, chunk in regions(wf):
-        out.setdefault(name, bytearray()).extend(chunk)
-    return {k: bytes(v) for k, v in out.items()}
+        h = hashes.get(name)
+        if h is None:
+            h = hashes[name] = hashlib.blake2b(digest_size=16)
+        h.update(chunk)
+    return {k: h.digest() for k, h in hashes.items()}

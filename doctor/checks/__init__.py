@@ -16,6 +16,7 @@ from ..base_model import BaseModel, BaseResolution
 from ..env import Env
 from ..finding import Finding, Fix, Severity
 from ..knowledge import FieldSpec, Release, peft_table
+from ..user_regex import Matcher
 
 MODULES = (
     "config_invalid",
@@ -57,6 +58,7 @@ class Context:
     resolution: BaseResolution = field(default_factory=lambda: BaseResolution(None))
     scan_values: bool = True
     notes: dict = field(default_factory=dict)  # facts one runner leaves for a later one
+    matcher: Matcher = field(default_factory=Matcher)  # the config's regexes share one time budget
 
     def config_file(self, key: str | None = None) -> str:
         return f"{self.artifact.config_path}#/{key}" if key else str(self.artifact.config_path)

@@ -1,11 +1,13 @@
 """config-invalid: adapter_config.json is missing, unreadable, not PEFT's, or holds impossible values."""
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 from ..annotations import fits
-from ..finding import Finding, Fix, Severity
+from ..finding import Finding, Fix, Severity, brief
 from ..knowledge import peft_table
+from ..user_regex import RANK_FORM, pathological
 from . import Check, Context, register, runner
 
 CAT = "config-invalid"
@@ -34,7 +36,16 @@ BAD_TYPE = Check("ADC107", CAT, Severity.ERROR, "Unknown peft_type",
 BAD_VALUE = Check("ADC108", CAT, Severity.ERROR, "A config value has the wrong type or range",
                   "PEFT accepts the value when reading the config but fails, or misbehaves, when it builds the "
                   "layers (e.g. `nn.Linear` with a string rank).", manual="Correct the value in adapter_config.json.")
-register(MISSING, BAD_JSON, EMPTY, LFS, FOREIGN, NO_TYPE, BAD_TYPE, BAD_VALUE)
+PATHOLOGICAL = Check("ADC109", CAT, Severity.WARNING, "A regular expression in the config can make matching hang",
+                     "PEFT matches target_modules and exclude_modules with `re.fullmatch`, and rank_pattern and "
+                     "alpha_pattern keys with `re.match`, on every module name. Python's regex engine backtracks: a "
+                     "nested quantifier such as `(a*)*b` takes time exponential in the name's length, and several "
+                     "unanchored `.*` a high power of it. Loading can then hang. doctor does not run such a pattern, "
+                     "so the checks that need it are skipped.",
+                     manual="Rewrite the pattern without nested or stacked quantifiers, or list the module names.")
+register(MISSING, BAD_JSON, EMPTY, LFS, FOREIGN, NO_TYPE, BAD_TYPE, BAD_VALUE, PATHOLOGICAL)
+_REGEX_SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")  # a key without these is a plain name (dots aside)
+_MAX_PATTERNS = 256  # patterns bounded per config: each costs a parse
 
 # Key sets that identify configs of other tools saved under PEFT's file name.
 _FOREIGN = (
@@ -66,7 +77,7 @@ def check(ctx: Context) -> Iterator[Finding]:
         lora_like = sorted(_LORA_HINT_KEYS & config.keys())
         hint = (f" Its fields ({', '.join(lora_like)}) are LoRA's: \"peft_type\": \"LORA\" is probably meant."
                 if len(lora_like) >= 2 else " A misspelling, or a method from a fork of PEFT?")
-        yield BAD_TYPE.finding(f"peft_type is {peft_type!r}, which no PEFT release defines.{hint}",
+        yield BAD_TYPE.finding(f"peft_type is {brief(peft_type)}, which no PEFT release defines.{hint}",
                                ctx.config_file("peft_type"))
         return
     yield from _value_findings(ctx, config, peft_type)
@@ -84,7 +95,8 @@ def _problem_findings(ctx: Context, problem, path: str) -> Iterator[Finding]:
         yield LFS.finding(f"{path}: {problem.message}", path)
     else:
         where = f" at line {problem.line} column {problem.column}" if problem.line else ""
-        title = "adapter_config.json uses Python literals" if problem.kind == "python-literal" else BAD_JSON.title
+        title = {"python-literal": "adapter_config.json uses Python literals",
+                 "too-large": "adapter_config.json is too large to check"}.get(problem.kind, BAD_JSON.title)
         yield BAD_JSON.finding(f"{path}{where}: {problem.message}", path, title=title)
 
 
@@ -116,9 +128,28 @@ def _value_findings(ctx: Context, config: dict, peft_type: str) -> Iterator[Find
     for key, value in config.items():
         spec = ctx.target_fields.get(key) or newest.get(key)
         if spec is not None and spec.annotation and not fits(value, spec.annotation):
-            yield BAD_VALUE.finding(f"{key} is {value!r} ({_json_type(value)}); PEFT declares it as {spec.annotation}",
+            yield BAD_VALUE.finding(f"{key} is {brief(value)} ({_json_type(value)}); PEFT declares it as {spec.annotation}",
                                     ctx.config_file(key))
     yield from _range_findings(ctx, config)
+    yield from _pattern_findings(ctx, config)
+
+
+def _pattern_findings(ctx: Context, config: dict) -> Iterator[Finding]:
+    for field in ("target_modules", "exclude_modules"):
+        pattern = config.get(field)
+        if isinstance(pattern, str) and pattern != "all-linear":
+            why = pathological(pattern)
+            if why:
+                yield PATHOLOGICAL.finding(f"{field} {brief(pattern)}: {why}", ctx.config_file(field))
+    for field in ("rank_pattern", "alpha_pattern"):
+        keys = config.get(field)
+        if not isinstance(keys, dict):
+            continue
+        regexes = [k for k in keys if isinstance(k, str) and _REGEX_SYNTAX.search(k)][:_MAX_PATTERNS]
+        bad = [(k, why) for k in regexes if (why := pathological(RANK_FORM.format(k), whole=False))]
+        if bad:
+            (key, why), more = bad[0], f" ({len(bad)} such keys)" if len(bad) > 1 else ""
+            yield PATHOLOGICAL.finding(f"{field} key {brief(key)}{more}: {why}", ctx.config_file(field))
 
 
 def _range_findings(ctx: Context, config: dict) -> Iterator[Finding]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..adapter_keys import AdapterKey, parse_key
-from ..finding import Finding, Severity
+from ..adapter_keys import AdapterKey
+from ..finding import Finding, Severity, sample
 from ..knowledge import has_behaviour
 from . import Check, Context, register, runner
 
@@ -38,7 +38,7 @@ def check(ctx: Context) -> Iterator[Finding]:
     tensors = ctx.artifact.tensors
     if not tensors or primary is None or ctx.notes.get("not_peft"):
         return
-    keys = [parse_key(n) for n in tensors]
+    keys = list(ctx.artifact.keys.values())
     where = str(primary.path)
     for wrapper in ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         hit = [k for k in keys if wrapper in k.wrappers]
@@ -48,7 +48,7 @@ def check(ctx: Context) -> Iterator[Finding]:
     named = [k for k in keys if k.adapter_name]
     if named:
         names = sorted({k.adapter_name for k in named})
-        message = f"{len(named)} tensor names contain the adapter name {', '.join(map(repr, names))}, e.g. {_sample(named)}"
+        message = f"{len(named)} tensor names contain the adapter name {sample([repr(n) for n in names])}, e.g. {_sample(named)}"
         release = ctx.target_release
         if has_behaviour("adapter_name_in_keys", release):
             yield ADAPTER_NAME.finding(f"{message}. PEFT {release.version} loads them only when the adapter is loaded "

@@ -5,9 +5,9 @@ import re
 from collections import defaultdict
 from typing import Iterator
 
-from ..adapter_keys import AdapterKey, module_selected, parameter_selected, parse_key
+from ..adapter_keys import MAX_SUFFIXES, AdapterKey, ModuleSelector, ParameterSelector, dot_suffixes
 from ..base_model import BaseModel, arch_facts, family_of
-from ..finding import Finding, Severity
+from ..finding import Finding, Severity, brief, sample
 from ..knowledge import behaviour, has_behaviour
 from . import Check, Context, register, runner
 
@@ -48,12 +48,66 @@ _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
-def _saved_whole(module: str, config: dict) -> bool:
-    """Is `module` (or a module containing it) wrapped by modules_to_save, explicitly or by the task head?"""
-    saved = list(config.get("modules_to_save") or []) + TASK_HEADS.get(config.get("task_type"), [])
-    parts = module.split(".")
-    ancestors = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return any(isinstance(s, str) and any(a == s or a.endswith("." + s) for a in ancestors) for s in saved)
+class _Selection:
+    """What the config selects, each selector built once: a config may list millions of names."""
+
+    def __init__(self, config: dict, ctx: Context) -> None:
+        self.targets = ModuleSelector(config.get("target_modules"), ctx.matcher)
+        self.excluded = ModuleSelector(config.get("exclude_modules"), ctx.matcher)
+        self.parameters = ParameterSelector(config.get("target_parameters"))
+        saved, task = config.get("modules_to_save"), config.get("task_type")
+        heads = TASK_HEADS.get(task, []) if isinstance(task, str) else []
+        self.saved = frozenset(s for s in [*(saved if isinstance(saved, list) else []), *heads] if isinstance(s, str))
+        self.saved_parts = min(8, max((s.count(".") + 1 for s in self.saved), default=0))
+        self.layers = _wanted_layers(config.get("layers_to_transform"))
+        self.bias = config.get("bias") in ("all", "lora_only")
+        self._seen: dict[str, bool | None] = {}
+
+    def saved_whole(self, module: str) -> bool:
+        """Is `module` (or a module containing it) wrapped by modules_to_save, explicitly or by the task head?"""
+        parts = module.split(".", MAX_SUFFIXES)[:MAX_SUFFIXES]
+        return any(".".join(parts[j - k:j]) in self.saved
+                   for j in range(1, len(parts) + 1) for k in range(1, min(self.saved_parts, j) + 1))
+
+    def layer_ok(self, module: str) -> bool:
+        if self.layers is None:
+            return True
+        m = _LAYER_INDEX.search(module)
+        return m is None or len(m.group(1)) > 18 or int(m.group(1)) in self.layers
+
+    def selected(self, k: AdapterKey) -> bool | None:
+        if k.role in ("prompt", "tokens"):
+            return True
+        if k.role != "full":  # a LoRA role: the answer depends on the module alone, shared by A and B
+            if k.module not in self._seen:
+                self._seen[k.module] = self._lora_selected(k.module)
+            return self._seen[k.module]
+        if self.excluded(k.module):
+            return False
+        if self.saved_whole(k.module):
+            return True
+        if k.module.rsplit(".", 1)[-1] in _EMBEDDING_NAMES:
+            return True  # PEFT saves resized or targeted embeddings in full
+        if k.param == "bias" and self.bias:
+            return True
+        return self._targeted(k.module)
+
+    def _lora_selected(self, module: str) -> bool | None:
+        if self.excluded(module):
+            return False
+        return True if self.parameters(module) else self._targeted(module)
+
+    def _targeted(self, module: str) -> bool | None:
+        hit = self.targets(module)
+        return hit if hit is None else hit and self.layer_ok(module)
+
+
+def _wanted_layers(layers: object) -> frozenset[int] | None:
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return frozenset({layers})
+    if isinstance(layers, list):
+        return frozenset(x for x in layers if isinstance(x, int) and not isinstance(x, bool))
+    return None
 
 
 @runner
@@ -62,11 +116,12 @@ def check(ctx: Context) -> Iterator[Finding]:
     if not tensors or config is None or ctx.peft_type not in LORA_TYPES:
         return
     where = str(ctx.artifact.primary_weights.path)
-    keys = [parse_key(n) for n in tensors]
+    keys = list(ctx.artifact.keys.values())
+    selection = _Selection(config, ctx)
     yield from _unpaired(keys, where)
-    yield from _untargeted(ctx, config, keys, where)
+    yield from _untargeted(selection, keys, where)
     if ctx.base is not None and ctx.base.modules:
-        yield from _against_base(ctx, config, keys, where, ctx.base)
+        yield from _against_base(ctx, config, selection, keys, where, ctx.base)
     else:
         yield from _targets_without_weights(ctx, config, keys)
 
@@ -84,41 +139,13 @@ def _unpaired(keys: list[AdapterKey], where: str) -> Iterator[Finding]:
                                    f"{where}#{lonely[0]}", title=f"{have} without {missing}")
 
 
-def _layer_ok(module: str, config: dict) -> bool:
-    layers = config.get("layers_to_transform")
-    if layers is None:
-        return True
-    wanted = {layers} if isinstance(layers, int) else set(layers) if isinstance(layers, list) else None
-    m = _LAYER_INDEX.search(module)
-    return wanted is None or m is None or int(m.group(1)) in wanted
-
-
-def _selected(k: AdapterKey, config: dict) -> bool | None:
-    if k.role in ("prompt", "tokens"):
-        return True
-    excluded = module_selected(k.module, config.get("exclude_modules"))
-    if excluded:
-        return False
-    if k.role == "full":
-        if _saved_whole(k.module, config):
-            return True
-        if k.module.rsplit(".", 1)[-1] in _EMBEDDING_NAMES:
-            return True  # PEFT saves resized or targeted embeddings in full
-        if k.param == "bias" and config.get("bias") in ("all", "lora_only"):
-            return True
-    if k.role != "full" and parameter_selected(k.module, config.get("target_parameters")):
-        return True
-    hit = module_selected(k.module, config.get("target_modules"))
-    return hit if hit is None else hit and _layer_ok(k.module, config)
-
-
-def _untargeted(ctx: Context, config: dict, keys: list[AdapterKey], where: str) -> Iterator[Finding]:
-    stray = sorted({k.module for k in keys if _selected(k, config) is False})
+def _untargeted(selection: _Selection, keys: list[AdapterKey], where: str) -> Iterator[Finding]:
+    stray = sorted({k.module for k in keys if selection.selected(k) is False})
     if stray:
         names = sorted({m.rsplit(".", 1)[-1] for m in stray})
         yield UNTARGETED.finding(
             f"{len(stray)} module(s) have weights but are not selected by target_modules/modules_to_save "
-            f"({', '.join(names)}), e.g. {stray[0]}; PEFT will drop them silently", f"{where}#{stray[0]}")
+            f"({sample(names)}), e.g. {stray[0]}; PEFT will drop them silently", f"{where}#{stray[0]}")
 
 
 def _targets_without_weights(ctx: Context, config: dict, keys: list[AdapterKey]) -> Iterator[Finding]:
@@ -126,14 +153,17 @@ def _targets_without_weights(ctx: Context, config: dict, keys: list[AdapterKey])
     if not isinstance(targets, list) or not keys:
         return
     lora_modules = {k.module for k in keys if k.role.startswith("lora_")}
-    unused = [t for t in targets if isinstance(t, str) and not any(m == t or m.endswith("." + t) for m in lora_modules)]
+    longest = max((len(t) for t in targets if isinstance(t, str)), default=0)
+    trained = {s for m in lora_modules for s in dot_suffixes(m, longest)}
+    unused = [t for t in targets if isinstance(t, str) and t not in trained]
     if unused and lora_modules:
         yield NO_WEIGHTS.finding(
-            f"target_modules lists {', '.join(unused)} but the file has no LoRA weights for them; if the base has such "
+            f"target_modules lists {sample(unused)} but the file has no LoRA weights for them; if the base has such "
             "modules, they load untrained (pass --base to know)", ctx.config_file("target_modules"), severity=Severity.INFO)
 
 
-def _against_base(ctx: Context, config: dict, keys: list[AdapterKey], where: str, base: BaseModel) -> Iterator[Finding]:
+def _against_base(ctx: Context, config: dict, selection: _Selection, keys: list[AdapterKey], where: str,
+                  base: BaseModel) -> Iterator[Finding]:
     modules = base.modules
     adapter_modules = sorted({k.module for k in keys if k.role.startswith("lora_") or (k.role == "full" and k.param)})
     missing = [m for m in adapter_modules if m not in modules]
@@ -146,14 +176,17 @@ def _against_base(ctx: Context, config: dict, keys: list[AdapterKey], where: str
     targets = config.get("target_modules")
     if not isinstance(targets, (list, str)) or targets == "all-linear":
         return
-    matched = [m for m, mod in modules.items() if mod.kind != "experts" and module_selected(m, targets)]
+    answers = {m: selection.targets(m) for m, mod in modules.items() if mod.kind != "experts"}
+    if None in answers.values():  # a regex that cannot be run in bounded time (ADC109 says why)
+        return
+    matched = [m for m, hit in answers.items() if hit]
     if not matched and not config.get("target_parameters"):
         yield TARGET_NOT_IN_BASE.finding(
-            f"no module of the base at {base.path} matches target_modules={targets!r}: PEFT raises "
+            f"no module of the base at {base.path} matches target_modules={brief(targets)}: PEFT raises "
             "`ValueError: Target modules ... not found in the base model`", ctx.config_file("target_modules"))
         return
     trained = {k.module for k in keys if k.role.startswith("lora_")}
-    untrained = [m for m in matched if m not in trained and _layer_ok(m, config)]
+    untrained = [m for m in matched if m not in trained and selection.layer_ok(m)]
     if untrained and trained and not missing:  # with path drift, the finding above already explains the gap
         yield NO_WEIGHTS.finding(
             f"{len(untrained)} of {len(matched)} base modules selected by target_modules have no weights in the file, "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..adapter_keys import parse_key
 from ..finding import Finding, Severity
 from ..knowledge import parse_version
 from . import Check, Context, register, runner
@@ -53,7 +52,7 @@ def check(ctx: Context) -> Iterator[Finding]:
     base = ctx.base
     if base is None:
         return
-    modules = {k.module for k in map(parse_key, ctx.artifact.tensors or {}) if k.role.startswith("lora_")}
+    modules = {k.module for k in ctx.artifact.keys.values() if k.role.startswith("lora_")}
     dims = {m: (base.modules[m].in_features, base.modules[m].out_features) for m in modules
             if m in base.modules and base.modules[m].kind != "experts"}
     if fingerprint(base.config, dims) != prov.base_fingerprint:

@@ -5,10 +5,11 @@ import re
 from collections import defaultdict
 from typing import Iterator
 
-from ..adapter_keys import AdapterKey, parameter_selected, parse_key
+from ..adapter_keys import AdapterKey, ParameterSelector
 from ..artifact import Tensor
 from ..base_model import BaseModel, Module
 from ..finding import Finding, Severity
+from ..user_regex import RANK_FORM, Matcher
 from . import Check, Context, register, runner
 
 CAT = "shape-mismatch"
@@ -34,15 +35,21 @@ INNER = Check(
 register(RANK, BASE_DIMS, VOCAB, INNER)
 
 
-def expected_rank(module: str, config: dict) -> int | None:
-    """The rank PEFT gives `module`: the first matching rank_pattern key, else r."""
+def expected_rank(module: str, config: dict, matcher: Matcher | None = None) -> int | None:
+    """The rank PEFT gives `module`: the first matching rank_pattern key, else r. None when unknown:
+    a key that cannot be run within `matcher`'s budget leaves which key comes first open."""
     pattern = config.get("rank_pattern")
+    matcher = matcher or Matcher()
     if isinstance(pattern, dict):
         for key, rank in pattern.items():
+            if not isinstance(key, str):
+                continue
             try:
-                hit = re.fullmatch(rf"(.*\.)?{key}", module) is not None
-            except re.error:
+                hit = matcher.match(RANK_FORM.format(key), module)
+            except re.error:  # PEFT would raise; read the key as a plain name
                 hit = module == key or module.endswith("." + key)
+            if hit is None:
+                return None
             if hit and isinstance(rank, int):
                 return rank
     r = config.get("r")
@@ -56,17 +63,19 @@ def check(ctx: Context) -> Iterator[Finding]:
         return
     where = str(ctx.artifact.primary_weights.path)
     by_module: dict[str, dict[str, tuple[AdapterKey, Tensor]]] = defaultdict(dict)
+    keys = ctx.artifact.keys
     for name, tensor in tensors.items():
-        key = parse_key(name)
+        key = keys[name]
         if key.param != "bias" and tensor.numel:
             by_module[key.module][key.role] = (key, tensor)
-    yield from _ranks(config, by_module, where)
+    yield from _ranks(config, by_module, where, ctx.matcher)
     if ctx.base is not None and ctx.base.modules:
         yield from _base_dims(by_module, ctx.base, where)
 
 
-def _ranks(config: dict, by_module: dict, where: str) -> Iterator[Finding]:
+def _ranks(config: dict, by_module: dict, where: str, matcher: Matcher) -> Iterator[Finding]:
     wrong, inner = [], []
+    experts_of = ParameterSelector(config.get("target_parameters"))
     for module, roles in sorted(by_module.items()):
         a, b = roles.get("lora_A") or roles.get("lora_embedding_A"), roles.get("lora_B") or roles.get("lora_embedding_B")
         if a is None or b is None or len(a[1].shape) < 2 or len(b[1].shape) < 2:
@@ -75,9 +84,9 @@ def _ranks(config: dict, by_module: dict, where: str) -> Iterator[Finding]:
         if rank_a != rank_b:
             inner.append((module, rank_a, rank_b))
             continue
-        want = expected_rank(module, config)
+        want = expected_rank(module, config, matcher)
         # target_parameters stacks the experts' ranks: [E*r, in]
-        experts = want and rank_a % want == 0 and parameter_selected(module, config.get("target_parameters"))
+        experts = want and rank_a % want == 0 and experts_of(module)
         if want is not None and rank_a != want and not experts and not config.get("use_bdlora"):
             wrong.append((module, rank_a, want))
     if wrong:

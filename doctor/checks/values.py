@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..adapter_keys import parse_key
 from ..finding import Finding, Severity
-from ..tensor_data import scan_values
+from ..tensor_data import TensorDataError, scan_values
 from . import Check, Context, register, runner
+from .weights import data_finding
 
 CAT = "values"
 EMPTY = Check(
@@ -55,11 +55,16 @@ def check(ctx: Context) -> Iterator[Finding]:
 
 
 def _scan(ctx: Context, primary, where: str) -> Iterator[Finding]:
-    stats = scan_values(primary)
+    try:
+        stats = scan_values(primary)
+    except TensorDataError as exc:
+        yield data_finding(primary, exc)
+        return
     bad = [n for n, s in stats.items() if s.nonfinite]
     if bad:
         yield NONFINITE.finding(f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0]}", f"{where}#{bad[0]}")
-    b_names = [n for n in stats if parse_key(n).role in ("lora_B", "lora_embedding_B") and ctx.artifact.tensors[n].numel]
+    keys = ctx.artifact.keys
+    b_names = [n for n in stats if keys[n].role in ("lora_B", "lora_embedding_B") and ctx.artifact.tensors[n].numel]
     zero = [n for n in b_names if stats[n].all_zero]
     if b_names and len(zero) == len(b_names):
         yield ZERO_B.finding(f"all {len(b_names)} lora_B tensors are exactly zero", where)

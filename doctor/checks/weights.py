@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..artifact import WeightsFile
-from ..finding import Finding, Fix, Severity
-from ..tensor_data import tensor_bytes
+from ..finding import Finding, Fix, Severity, sample
+from ..tensor_data import TensorDataError, tensor_digests
 from . import Check, Context, register, runner
 
 NONE = Check(
@@ -92,9 +92,22 @@ def _pickle_findings(wf: WeightsFile, where: str, shadowed: bool) -> Iterator[Fi
     elif scan.passed and scan.tensors is None:
         yield BAD_PICKLE.finding(f"{wf.path.name} holds a pickled object that is not a dict of tensors", where,
                                  title="The pickle is not a state dict")
+    elif scan.passed and not scan.tensors:
+        yield BAD_PICKLE.finding(f"{wf.path.name} holds a dict without tensors (entries: {sample(scan.other_entries, 3)})",
+                                 where, title="The pickle holds no tensors")
     elif scan.passed and not shadowed:
-        extra = f"; it also holds non-tensor entries {scan.other_entries[:3]}" if scan.other_entries else ""
+        extra = f"; it also holds non-tensor entries {sample(scan.other_entries, 3)}" if scan.other_entries else ""
         yield PICKLE.finding(f"{wf.path.name}: {len(scan.tensors)} tensors, {scan.format} format{extra}", where)
+
+
+def data_finding(wf: WeightsFile, exc: TensorDataError) -> Finding:
+    """The tensor bytes of `wf` could not be read as its index says: damage, or data that expands too far."""
+    check = CORRUPT if wf.header is not None else BAD_PICKLE
+    message = f"{wf.path.name} ({wf.size:,} bytes): {exc}"
+    if exc.kind == "expands":
+        return check.finding(message, str(wf.path), severity=Severity.WARNING,
+                             title="Tensor data too large for its file to scan")
+    return check.finding(message, str(wf.path), title="The tensor data cannot be read")
 
 
 def _compare(ctx: Context, st: WeightsFile, pt: WeightsFile) -> Iterator[Finding]:
@@ -112,7 +125,11 @@ def _compare(ctx: Context, st: WeightsFile, pt: WeightsFile) -> Iterator[Finding
         yield DIFFER.finding(f"{n}: {a[n].dtype} {list(a[n].shape)} vs {b[n].dtype} {list(b[n].shape)}", where)
         return
     if ctx.scan_values:
-        data_a, data_b = tensor_bytes(st), tensor_bytes(pt)
+        try:
+            data_a, data_b = tensor_digests(st), tensor_digests(pt)
+        except TensorDataError as exc:
+            yield data_finding(pt, exc)
+            return
         changed = [n for n in a if data_a.get(n) != data_b.get(n)]
         if changed:
             yield DIFFER.finding(f"{len(changed)} tensor(s) hold different values, e.g. {changed[0]}", where)

@@ -124,7 +124,7 @@ def parse_version(text: str) -> Version | None:
     # PEFT stamps dev installs as "<version>@<commit>" (or "@UNKNOWN").
     try:
         return Version(text.split("@", 1)[0].strip())
-    except (InvalidVersion, AttributeError):
+    except (InvalidVersion, AttributeError, ValueError):  # ValueError: a release number of 4,301+ digits
         return None
 
 

@@ -13,6 +13,14 @@ from ..finding import Finding, Report, Severity, TargetReport
 MARKS = {Severity.ERROR: ("✗", "bold red"), Severity.WARNING: ("!", "bold yellow"), Severity.INFO: ("i", "cyan")}
 
 
+def printable(text: str) -> str:
+    """`text` with lone surrogates escaped (`\\udc80`): a config value or a file name may hold them,
+    and a terminal's UTF-8 encoder raises on them."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _indent(text: Text, left: int) -> Padding:
     return Padding(text, (0, 0, 0, left), expand=False)
 
@@ -28,18 +36,18 @@ def fix_hint(finding: Finding, target: str) -> str | None:
 def _finding(f: Finding, target: str) -> list[RenderableType]:
     # Each line is indented on its own: padding a whole group would pad every line to the widest one.
     mark, style = MARKS[f.severity]
-    lines = [_indent(Text.assemble((f"{mark} ", style), (f.id, "dim"), " ", (f.title, "bold")), 4),
-             _indent(Text(f.message), 8)]
+    lines = [_indent(Text.assemble((f"{mark} ", style), (f.id, "dim"), " ", (printable(f.title), "bold")), 4),
+             _indent(Text(printable(f.message)), 8)]
     hint = fix_hint(f, target)
     if hint:
-        lines.append(_indent(Text.assemble(("fix: ", "green"), hint), 8))
+        lines.append(_indent(Text.assemble(("fix: ", "green"), printable(hint)), 8))
     return lines
 
 
 def render_target(t: TargetReport, verbose: bool) -> RenderableType:
-    title = Text.assemble((t.path, "bold underline"), (f"  ({t.kind})", "dim"))
+    title = Text.assemble((printable(t.path), "bold underline"), (f"  ({t.kind})", "dim"))
     if t.error:
-        return Text.assemble(("✗ ", "bold red"), t.error)
+        return Text.assemble(("✗ ", "bold red"), printable(t.error))
     shown = [f for f in t.findings if verbose or f.severity is not Severity.INFO]
     if not shown:
         return Group(title, _indent(Text("✓ no problems found", style="green"), 2))

@@ -113,3 +113,118 @@ def test_random_opcode_streams_never_raise(tmp_path_factory, parts):
     assert result.error or result.globals is not None
     if "os.system" in result.globals:
         assert not result.passed and "os.system" in result.dangerous
+
+
+# --- hostile pickles and archives: an error (or a verdict), never an exception ----------------------
+
+import io  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from hostile import View, member_span, torch_pickle, torch_zip  # noqa: E402
+
+
+def _legacy_with_numel(tmp_path, numel: int):
+    path = tmp_path / "legacy.bin"
+    torch.save({"w": torch.ones(3, 2)}, path, _use_new_zipfile_serialization=False)
+    raw = bytearray(path.read_bytes())
+    raw[-32:-24] = struct.pack("<q", numel)  # the one storage's element count, before its 24 bytes
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("numel", [2**61, 2**62 - 1, -1, 7, 5])
+def test_legacy_storage_counts_that_do_not_fit_the_file(tmp_path, numel):
+    result = scan(_legacy_with_numel(tmp_path, numel))
+    assert result.error and not result.passed
+
+
+@pytest.mark.parametrize("body", [
+    b"(]]K\x01d.",  # DICT with a list as key
+    b"}(]K\x01]K\x02u.",  # SETITEMS with unhashable keys
+    b"}\x8b" + struct.pack("<i", 4000) + b"\x01" * 4000 + b"Ns.",  # a 32,000-bit integer key
+    b"}" + b"N" + b"\x85" * 5000 + b"Ns.",  # a key 5,000 tuples deep
+    b"}(" + b"N" + b"\x85" * 5000 + b"\x85Nu.",
+])
+def test_keys_that_cannot_be_hashed_or_printed(tmp_path, body):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"\x80\x02" + body)
+    result = scan(path)
+    assert result.passed and result.tensors == {} and result.other_entries
+    assert all(len(entry) < 100 for entry in result.other_entries)
+
+
+def test_a_million_nested_tuples_do_not_crash_the_interpreter(tmp_path):
+    # Hashing a key a million tuples deep overflows the C stack: SIGSEGV, no output at all.
+    path = tmp_path / "adapter_model.bin"
+    path.write_bytes(b"\x80\x02}N" + b"\x85" * 10**6 + b"Ns.")
+    code = "import sys; from adapter_doctor.pickle_scan import scan; r = scan(sys.argv[1]); print(r.passed, r.error)"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def test_views_outside_their_storage_are_damage(tmp_path):
+    for i, view in enumerate([View((2,), (1,), offset=5, numel=6), View((3, 3), (3, 1), numel=8),
+                              View((2,), (-1,), offset=1, numel=2), View((2,), (1, 1), numel=2),
+                              View((2,), (1,), offset=-1, numel=4)]):
+        path = torch_zip(tmp_path / f"v{i}.bin", {"w": view}, {"0": bytes(4 * view.numel)})
+        result = scan(path)
+        assert result.error and "tensor 'w'" in result.error, (view, result.error)
+
+
+def test_a_stride_zero_view_of_four_elements_is_fine(tmp_path):
+    path = torch_zip(tmp_path / "x.bin", {"w": View((20000, 20000), (0, 0), numel=4)}, {"0": bytes(16)})
+    result = scan(path)
+    assert result.passed and result.tensors["w"].shape == (20000, 20000)
+
+
+def test_missing_short_or_torch_unreadable_storage_members(tmp_path):
+    views = {"w": View((2, 3))}
+    assert "missing" in scan(torch_zip(tmp_path / "a.bin", views, {"1": bytes(24)})).error
+    assert "holds 20 bytes" in scan(torch_zip(tmp_path / "b.bin", views, {"0": bytes(20)})).error
+    lzma = scan(torch_zip(tmp_path / "c.bin", views, compression=zipfile.ZIP_LZMA)).error
+    assert "compression method 14" in lzma
+
+
+def _corrupt(raw: bytes, member: str, fill: int) -> bytes:
+    start, end = member_span(raw, member)
+    return raw[:start + 2] + bytes([fill]) * (end - start - 2) + raw[end:]
+
+
+@pytest.mark.parametrize("damage", ["deflate", "crc", "no-central-directory", "lying-size", "utf8-name"])
+def test_damaged_data_pkl_members(tmp_path, damage):
+    path = torch_zip(tmp_path / "x.bin", {"w": View((2, 3))}, compression=zipfile.ZIP_DEFLATED)
+    raw = path.read_bytes()
+    if damage == "deflate":
+        raw = _corrupt(raw, "archive/data.pkl", 0xFF)
+    elif damage == "crc":
+        start, _ = member_span(raw, "archive/data.pkl")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:  # same bytes, stored, then one flipped
+            zf.writestr("archive/data.pkl", torch_pickle({"w": View((2, 3))}))
+        raw = bytearray(buf.getvalue())
+        raw[member_span(bytes(raw), "archive/data.pkl")[0] + 3] ^= 0x01
+        raw = bytes(raw)
+    elif damage == "no-central-directory":
+        raw = raw[:raw.rfind(b"PK\x01\x02")]
+    elif damage == "lying-size":  # the central directory's uncompressed size, 2 GiB from a few bytes
+        at = raw.find(b"PK\x01\x02")  # data.pkl's entry comes first
+        raw = raw[:at + 24] + struct.pack("<I", 2**31) + raw[at + 28:]
+    elif damage == "utf8-name":
+        raw = raw.replace(b"archive/version", b"archive/\xff\xfeersion")
+        raw = raw.replace(struct.pack("<H", 0), struct.pack("<H", 0x800), 0)
+    path.write_bytes(raw)
+    result = scan(path)
+    assert not result.passed and result.error
+
+
+def test_oversized_pickles_are_refused_without_reading_them(tmp_path):
+    path = tmp_path / "x.bin"
+    with open(path, "wb") as fh:  # a 70 MiB BINBYTES8 followed by STOP
+        fh.write(b"\x80\x04\x8e" + (70 << 20).to_bytes(8, "little"))
+        fh.truncate(11 + (70 << 20))
+        fh.seek(0, 2)
+        fh.write(b".")
+    result = scan(path)
+    assert result.error and "64 MiB" in result.error

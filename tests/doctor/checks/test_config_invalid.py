@@ -64,3 +64,25 @@ def test_config_only_target_does_not_ask_for_weights(tmp_path):
     config = tmp_path / "copy.json"
     config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
     assert not ({"ADC101", "ADC401"} & ids(config))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("target_modules", "(a*)*b", "exponential"),
+    ("exclude_modules", ".*a.*a.*a.*a.*a.*b", "backtracking"),
+    ("rank_pattern", {"q_proj": 4, "(x+x+)+y": 8}, "rank_pattern key '(x+x+)+y'"),
+    ("alpha_pattern", {"(a|aa)*c": 8}, "alpha_pattern key"),
+])
+def test_pathological_regexes_are_named(tmp_path, field, value, words):
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], field: value}))
+    (finding,) = [f for f in check(config) if f.id == "ADC109"]
+    assert words in finding.message and finding.severity.value == "warning" and finding.path.endswith(field)
+
+
+@pytest.mark.parametrize("value", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj", "all-linear",
+                                   r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$"])
+def test_ordinary_regexes_are_not(tmp_path, value):
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": value,
+                                  "rank_pattern": {"model.layers.0.self_attn.q_proj": 4, r"layers\.\d+\.mlp": 2}}))
+    assert "ADC109" not in ids(config)
