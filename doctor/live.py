@@ -38,7 +38,7 @@ def _forward_findings(states: list) -> list[Finding]:
             attrs = ", ".join(f"self.{a}" for a in sorted(missing))
             out.append(BROKEN.finding(f"{where} run {how}, which reads {attrs} on every path; these instances lack "
                                       f"{'it' if len(missing) == 1 else 'them'}, so the first forward raises "
-                                      f"AttributeError: '{cls}' object has no attribute '{sorted(missing)[0]}'",
+                                      f"AttributeError: '{cls}' object has no attribute '{first.first_missing}'",
                                       first.path, title=f"{cls}: patched forward needs {', '.join(sorted(missing))}"))
         elif guarded:
             out.append(FALLBACK.finding(f"{where} run {how}; it reads {', '.join(sorted(guarded))} only behind a "

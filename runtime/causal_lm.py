@@ -3,6 +3,7 @@ full [tokens, vocab] logits are never built. Outside training, without labels, o
 cannot compute exactly, the library's own forward runs."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adapter_doctor.kernels import causal_lm_labels, head_parts
@@ -28,9 +29,11 @@ def causal_lm_forward(self: Any, ctx: Context, *args: Any, **kwargs: Any) -> Any
         num_items_in_batch=kwargs.get("num_items_in_batch"), lora=lora,
         softcap=getattr(self.config, "final_logit_softcapping", None))
     # No logits in training with labels: building them is the memory this path exists to save.
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
-                                  hidden_states=getattr(outputs, "hidden_states", None),
-                                  attentions=getattr(outputs, "attentions", None))
+    # The body's other outputs by this release's field names (the cache is `cache` in transformers 5,
+    # `past_key_values` before), so no deprecated alias is read.
+    names = [f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name not in ("loss", "logits")]
+    rest = {name: outputs.get(name) for name in names}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
 
 
 def _head(model: Any) -> tuple[Any, Any] | None:

@@ -59,6 +59,7 @@ class ForwardState:
     marker: object = None  # our patch marker, when origin is "ours"
     wrappers: tuple[Wrapper, ...] = ()  # outermost first
     swapped_for: type | None = None  # the library class a swapped-in class stands for
+    first_missing: str = ""  # of `missing`, the one the call reads first: what its AttributeError names
 
     @property
     def foreign_wrappers(self) -> tuple[Wrapper, ...]:
@@ -250,15 +251,16 @@ def forward_state(path: str, module: Any, parents: list[tuple[Any, str]] | None 
     reads = SelfReads(frozenset(), frozenset())
     if origin not in ("library", "ours"):
         reads = self_reads(func) if bound is module else reads
-    for w in wrapper_funcs:  # wrappers bound to the module read from it too
+    for w in reversed(wrapper_funcs):  # wrappers bound to the module read from it too, and before it
         if isinstance(w, types.MethodType) and w.__self__ is module:
             extra = self_reads(w)
-            reads = SelfReads(reads.required | extra.required, reads.guarded | extra.guarded)
+            reads = SelfReads(reads.required | extra.required, reads.guarded | extra.guarded,
+                              extra.order + tuple(n for n in reads.order if n not in extra.order))
     missing = frozenset(a for a in reads.required if not has_attr(module, a))
     missing_guarded = frozenset(a for a in reads.guarded if not has_attr(module, a))
     patcher = author_of(cls.forward if origin == "swapped-class" else func) if func is not None else "?"
     return ForwardState(path, own.__name__, func, origin, patcher, missing, missing_guarded,
-                        marker if origin == "ours" else None, wrappers, swapped)
+                        marker if origin == "ours" else None, wrappers, swapped, reads.first_of(missing))
 
 
 def has_attr(module: Any, name: str) -> bool:

@@ -29,6 +29,11 @@ _JUMP_OPS = set(dis.hasjrel) | set(dis.hasjabs)
 class SelfReads:
     required: frozenset[str]  # read on every path, unguarded: a missing one raises AttributeError
     guarded: frozenset[str]  # read only on some paths, or behind hasattr / getattr default / try
+    order: tuple[str, ...] = ()  # the required ones in the order the code first reads them
+
+    def first_of(self, names: frozenset[str]) -> str:
+        """Of `names`, the one a call reads first: the attribute its AttributeError will name."""
+        return next((n for n in self.order if n in names), min(names, default=""))
 
 
 def self_reads(func: Callable[..., Any], depth: int = 0) -> SelfReads:
@@ -40,7 +45,7 @@ def self_reads(func: Callable[..., Any], depth: int = 0) -> SelfReads:
     if code is None:
         return SelfReads(frozenset(), frozenset())
     own = _reads(code) if code.co_argcount else SelfReads(frozenset(), frozenset())
-    required, guarded = set(own.required), set(own.guarded)
+    required, guarded, order = set(own.required), set(own.guarded), list(own.order)
     for name, cell in zip(code.co_freevars, getattr(func, "__closure__", None) or ()):
         callee = _cell_function(cell)
         if callee is None or depth > 4:
@@ -49,9 +54,10 @@ def self_reads(func: Callable[..., Any], depth: int = 0) -> SelfReads:
         if _calls_on_every_path(code, name):
             required |= inner.required
             guarded |= inner.guarded
+            order += [n for n in inner.order if n not in order]
         else:  # one of several callees (a gate choosing fast or original): none is certain to run
             guarded |= inner.required | inner.guarded
-    return SelfReads(frozenset(required), frozenset(guarded - required))
+    return SelfReads(frozenset(required), frozenset(guarded - required), tuple(order))
 
 
 def _cell_function(cell: Any) -> Any:
@@ -74,7 +80,7 @@ def _reads(code: types.CodeType) -> SelfReads:
     """Per code object: a model has thousands of modules but a handful of distinct forwards."""
     me = code.co_varnames[0]
     flow = _Flow(code)
-    required: set[str] = set()
+    required: dict[str, None] = {}  # ordered: the first read first
     guarded: set[str] = set()
     checked: set[str] = set()  # hasattr(self, "x"): every read of x is then guarded
     stored: set[str] = set()  # self.x = ... in the forward itself: it does not rely on the instance
@@ -84,7 +90,10 @@ def _reads(code: types.CodeType) -> SelfReads:
         nxt = flow.ins[i + 1]
         if nxt.opname in _LOAD_ATTR:
             name = str(nxt.argval)
-            (required if flow.must_pass(i) else guarded).add(name)
+            if flow.must_pass(i):
+                required.setdefault(name)
+            else:
+                guarded.add(name)
         elif nxt.opname == "STORE_ATTR":
             stored.add(str(nxt.argval))
         elif guard := _guard_call(flow.ins, i):
@@ -92,14 +101,14 @@ def _reads(code: types.CodeType) -> SelfReads:
             if kind == "hasattr":
                 checked.add(name)
             elif kind == "getattr" and flow.must_pass(i):
-                required.add(name)  # getattr(self, "x") without a default raises like self.x
+                required.setdefault(name)  # getattr(self, "x") without a default raises like self.x
             else:
                 guarded.add(name)
     for sub in _nested(code):  # closures and comprehensions may never run: their reads are guarded
         inner = _reads_nested(sub, me)
         guarded |= inner
-    required -= checked | stored
-    return SelfReads(frozenset(required), frozenset((guarded | checked) - required - stored))
+    order = tuple(n for n in required if n not in checked | stored)
+    return SelfReads(frozenset(order), frozenset((guarded | checked) - set(order) - stored), order)
 
 
 def _nested(code: types.CodeType) -> Iterator[types.CodeType]:

@@ -108,6 +108,7 @@ def test_plain_reload_is_predicted_and_repaired(trained, tmp_path):
         (broken,) = found  # apply_qkv and apply_o, and nothing else, read bare
         assert broken.id == "ADC901" and "self.apply_o, self.apply_qkv on every path" in broken.message
         assert "2 LlamaAttention" in broken.message and "class patch by" in broken.message
+        assert broken.message.endswith("object has no attribute 'apply_qkv'")  # the read that fails first
         with pytest.raises(AttributeError, match="'LlamaAttention' object has no attribute 'apply_qkv'"):
             model(input_ids=BATCH, labels=BATCH)
     else:
