@@ -88,9 +88,6 @@ class TargetReport:
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None  # the target could not be read at all (exit code 2)
 
-    def worst(self) -> Severity | None:
-        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
-
 
 @dataclass
 class Report:

@@ -1,8 +1,10 @@
 """inspect_model: findings about a live model (what each module will run, and what that needs)."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Iterator
 
 from .checks.patch import BROKEN, DTYPE, FALLBACK, FOREIGN, FROZEN, MIXED, OURS, REENTRANT, UNSUPPORTED
 from .finding import Finding, Report, Severity, TargetReport
@@ -103,15 +105,33 @@ def inspect_saved_model(model_dir, adapter=None) -> Report:
     return report
 
 
-def _build(model_dir, adapter):
-    import warnings
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' logging, progress bars and FutureWarnings off while building, as they were after."""
+    from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the CLI reports; library chatter would bury it
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build(model_dir, adapter):
+    with _quiet():
+        return _build_quietly(model_dir, adapter)
+
+
+def _build_quietly(model_dir, adapter):
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()  # the CLI reports; library chatter would bury it
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if adapter is None:
         with torch.device("meta"):  # the module tree is all inspection needs

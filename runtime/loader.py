@@ -55,7 +55,7 @@ def load(path: str | os.PathLike[str], *, max_seq_length: int | None = None, dty
     """
     from transformers import AutoModelForCausalLM
 
-    from . import ensure_patched
+    from .engine import patch
 
     path = Path(path)
     device, dtype = _placement(device, dtype)
@@ -76,5 +76,5 @@ def load(path: str | os.PathLike[str], *, max_seq_length: int | None = None, dty
         model.max_seq_length = max_seq_length  # recorded by save_adapter's provenance
     if trainable:
         model.train()
-    ensure_patched(model, kernels=kernels)
+    patch(model, kernels=kernels)
     return model, tokenizer

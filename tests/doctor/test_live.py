@@ -106,3 +106,13 @@ def test_cli_model_and_adapter():
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["check", "--model", str(FIXTURES / "bases" / "gpt2"), "-v"])
     assert "ADC909" in result.output
+
+
+def test_building_a_saved_model_leaves_logging_and_warning_filters_as_they_were():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), list(warnings.filters))
+    CliRunner().invoke(main, ["check", "--model", str(FIXTURES / "bases" / "llama")])
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), list(warnings.filters)) == before

@@ -36,8 +36,8 @@ def test_marker_in_repr_and_readable(tiny):
     report = ensure_patched(model)
     attn = model.get_base_model().model.layers[0].self_attn
     marker = attn._adapter_doctor_patch
-    assert (marker.version, marker.kernels) == (adapter_doctor.__version__, report.kernels) == ("0.1.0", "torch")
-    assert f"adapter_doctor={adapter_doctor.__version__}, kernels=torch" in repr(attn)
+    assert (marker.version, marker.kernels) == (adapter_doctor.__version__, report.kernels)
+    assert f"adapter_doctor={adapter_doctor.__version__}, kernels={report.kernels}" in repr(attn)
     assert type(attn).__name__ == "LlamaAttention" and type(attn).__mro__[1] is marker.original
     assert report.counts["LlamaAttention"] == {"patched": 2}
 
