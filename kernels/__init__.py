@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import cross_entropy, lora_linear, rms_norm, rope, swiglu
-from .cross_entropy import causal_lm_labels, cross_entropy_reference, head_parts
-from .lora_linear import (LoraParts, is_lora_linear, lora_linear_reference, lora_multi_linear_reference, lora_parts,
-                          why_not_fused)
+from .cross_entropy import causal_lm_labels, cross_entropy_reference
+from .lora_linear import LoraParts, lora_linear_gradient_only_reference, lora_linear_reference, \
+    lora_multi_linear_reference
 from .rms_norm import rms_norm_reference
 from .rope import rope_reference
 from .swiglu import geglu_reference, swiglu_reference
@@ -32,12 +32,17 @@ class KernelSet:
     lora_multi_linear: Callable[..., object] = lora_multi_linear_reference  # (x, [LoraParts, ...]) -> [y, ...]
     # (hidden, weight, shifted labels, *, ignore_index, num_items_in_batch, lora, softcap) -> loss
     linear_cross_entropy: Callable[..., object] = cross_entropy_reference
+    # (x, LoraParts) -> a stand-in whose backward is the projection's, or None: for a recomputation that needs
+    # only the gradients (the fused set skips the GEMMs; the reference computes the projection)
+    lora_linear_gradient_only: Callable[..., object] = lora_linear_gradient_only_reference
 
 
 TORCH = KernelSet("torch", rms_norm_reference, rope_reference, swiglu_reference, geglu_reference,
-                  lora_linear_reference, lora_multi_linear_reference, cross_entropy_reference)
+                  lora_linear_reference, lora_multi_linear_reference, cross_entropy_reference,
+                  lora_linear_gradient_only_reference)
 TRITON = KernelSet("triton", rms_norm.rms_norm, rope.rope, swiglu.swiglu, swiglu.geglu, lora_linear.lora_linear,
-                   lora_linear.lora_multi_linear, cross_entropy.linear_cross_entropy)
+                   lora_linear.lora_multi_linear, cross_entropy.linear_cross_entropy,
+                   lora_linear.lora_linear_gradient_only)
 
 
 @functools.cache
@@ -66,5 +71,4 @@ def kernel_set(name: str = "auto") -> KernelSet:
     return sets[name]
 
 
-__all__ = ["TORCH", "TRITON", "KernelSet", "LoraParts", "available", "causal_lm_labels", "head_parts",
-           "is_lora_linear", "kernel_set", "lora_parts", "why_not_fused"]
+__all__ = ["TORCH", "TRITON", "KernelSet", "LoraParts", "available", "causal_lm_labels", "kernel_set"]

@@ -231,24 +231,3 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if on_triton(hidden, weight) and not autocast_on(hidden.device):
         return linear_cross_entropy_triton(hidden, weight, labels, **kwargs)
     return cross_entropy_reference(hidden, weight, labels, **kwargs)
-
-
-def head_parts(lm_head: Any) -> tuple[torch.Tensor, Lora | None]:
-    """(weight, LoRA factors or None) of a causal LM's output projection, for `linear_cross_entropy`. Raises
-    ValueError for a head the fused loss cannot compute exactly (a bias, LoRA dropout or variants, hooks...),
-    so that an adapter on lm_head is never silently left untrained: call the module and the reference then."""
-    import torch.nn as nn
-
-    from .lora_linear import _hooked, is_lora_linear, lora_parts, why_not_fused
-
-    if is_lora_linear(lm_head):
-        parts = lora_parts(lm_head)
-        if parts is None:
-            raise ValueError(f"lm_head: its LoRA layer cannot take the fused loss ({why_not_fused(lm_head)})")
-        if parts.bias is not None:
-            raise ValueError("lm_head: the fused loss has no bias term")
-        return parts.weight, (parts.lora_a, parts.lora_b, parts.scaling)
-    if type(lm_head).forward is not nn.Linear.forward or lm_head.bias is not None or _hooked(lm_head):
-        raise ValueError(f"lm_head: a {type(lm_head).__name__} (with bias or hooks, or not a Linear) must be called "
-                         "as a module")
-    return lm_head.weight, None

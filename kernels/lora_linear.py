@@ -8,10 +8,8 @@ no Triton kernel here. Backward computes dx (summed over the projections in one 
 frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype; adapter gradients are
 accumulated in fp32 and returned in the adapters' dtype.
 
-`lora_parts` reads the pieces out of a PEFT `lora.Linear`, or says why that layer must run as PEFT runs it
-(dropout, DoRA and other variants, a LoRA bias, several active adapters, a merged or disabled adapter,
-hooks that a direct call would skip). Eligibility is read at every call: adapters are enabled, disabled,
-merged and switched while a model lives, and the answer must follow.
+The kernels know nothing of PEFT: they take `LoraParts`. Which layers may run here, and their parts, the
+runtime decides (`runtime/eligibility.py`).
 """
 from __future__ import annotations
 
@@ -182,6 +180,12 @@ def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], va
     return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), values, *tensors))
 
 
+def lora_linear_gradient_only_reference(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
+    """The reference stand-in for a projection whose value a recomputation does not need: the projection itself
+    (exact; it just does not save the GEMM)."""
+    return lora_linear_reference(x, *parts)
+
+
 def lora_linear_gradient_only(x: torch.Tensor, parts: LoraParts) -> torch.Tensor | None:
     """A placeholder for one LoRA projection of `x` whose backward is the projection's own; None where the
     fused Function cannot stand in (autocast would change the dtypes the backward assumes)."""
@@ -208,78 +212,3 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if _fused_path(x):
         return lora_multi_linear_fused(x, [LoraParts(weight, bias, lora_a, lora_b, scaling)])[0]
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling)
-
-
-@functools.cache
-def _peft_lora_linear() -> type | None:
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:
-        return None
-    return Linear
-
-
-def is_lora_linear(module: Any) -> bool:
-    """Whether `module` is a PEFT `lora.Linear` (not a quantized or other LoRA layer)."""
-    cls = _peft_lora_linear()
-    return cls is not None and isinstance(module, cls)
-
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _hooked(module: Any) -> bool:
-    # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward.
-    return any(getattr(module, name, None) for name in _HOOKS) or "forward" in module.__dict__
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
-
-
-def why_not_fused(module: Any) -> str | None:
-    """Why this `lora.Linear` cannot take the fused path right now, or None when it can."""
-    import torch.nn as nn
-
-    if type(module).forward is not _peft_lora_linear().forward:
-        return f"{type(module).__name__}.forward is not PEFT's"
-    if module.disable_adapters:
-        return "adapters disabled"
-    if module.merged:
-        return "adapter merged into the base weight"
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if len(active) != 1:
-        return f"{len(active)} active adapters"
-    name = active[0]
-    base = module.base_layer
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
-        return f"base layer is {type(base).__name__}"
-    if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    dropout = module.lora_dropout[name]
-    if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) != 0.0:
-        return f"lora_dropout={getattr(dropout, 'p', type(dropout).__name__)}"
-    if getattr(module, "use_dora", {}).get(name, False):
-        return "DoRA"
-    variants = getattr(module, "lora_variant", {})
-    if name in variants:
-        return f"LoRA variant {type(variants[name]).__name__}"
-    if module.lora_B[name].bias is not None:
-        return "lora_bias"
-    if not getattr(module, "cast_input_dtype_enabled", True):
-        return "input dtype casting disabled"
-    if any(_hooked(m) for m in (module, base, module.lora_A[name], module.lora_B[name])) or _global_hooks():
-        return "module hooks"
-    return None
-
-
-def lora_parts(module: Any) -> LoraParts | None:
-    """(weight, bias, A, B, scaling) of an eligible `lora.Linear`; None when it must be called as a module."""
-    if not is_lora_linear(module) or why_not_fused(module) is not None:
-        return None
-    name = next(n for n in module.active_adapters if n in module.lora_A)
-    base = module.base_layer
-    return LoraParts(base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                     module.scaling[name])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from adapter_doctor.kernels import causal_lm_labels, head_parts
+from adapter_doctor.kernels import causal_lm_labels
 
 from .context import Context
+from .eligibility import head_parts
 
 _NOT_FOR_THE_BODY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels")
 

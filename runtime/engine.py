@@ -187,7 +187,7 @@ def _unfit(module: Any, spec: ModuleSpec) -> str:
 
 
 def _fallbacks(path: str, module: Any) -> list[Fallback]:
-    from adapter_doctor.kernels import is_lora_linear, why_not_fused
+    from .eligibility import is_lora_linear, why_not_fused
 
     out = []
     for name, child in module.named_children():

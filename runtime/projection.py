@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from adapter_doctor.kernels import lora_parts
+from .eligibility import lora_parts
 
 
 def project(module: Any, x: Any, kernels: Any) -> Any:

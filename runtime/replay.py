@@ -98,11 +98,10 @@ def output_projection(module: Any, x: Any, kernels: Any) -> Any:
     """`project(module, x)`, or during a replay whose layer defers its outputs, a gradient-only placeholder."""
     tape = active()
     if tape is not None and tape.mode == REPLAY and tape.defer_outputs:
-        from adapter_doctor.kernels import lora_parts
-        from adapter_doctor.kernels.lora_linear import lora_linear_gradient_only
+        from .eligibility import lora_parts
 
         parts = lora_parts(module)
-        out = None if parts is None else lora_linear_gradient_only(x, parts)
+        out = None if parts is None else kernels.lora_linear_gradient_only(x, parts)
         if out is not None:
             return out
     return project(module, x, kernels)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapter_doctor.kernels import TORCH, head_parts
+from adapter_doctor.kernels import TORCH
+from adapter_doctor.runtime.eligibility import head_parts
 from adapter_doctor.kernels.cross_entropy import causal_lm_labels, cross_entropy_reference, linear_cross_entropy, \
     linear_cross_entropy_triton
 

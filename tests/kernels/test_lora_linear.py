@@ -3,8 +3,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapter_doctor.kernels.lora_linear import is_lora_linear, lora_linear, lora_linear_reference, lora_parts, \
-    why_not_fused
+from adapter_doctor.kernels.lora_linear import lora_linear, lora_linear_reference
+from adapter_doctor.runtime.eligibility import is_lora_linear, lora_parts, why_not_fused
 
 IN, OUT, R = 37, 29, 5  # odd sizes
 

@@ -36,7 +36,6 @@ class Tiny:
 
     @staticmethod
     def lora(model, seed: int = 1, **config):
-        import torch
         from peft import LoraConfig, get_peft_model
 
         options = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS, "lora_dropout": 0.0, **config}

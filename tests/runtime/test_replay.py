@@ -3,12 +3,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapter_doctor.kernels import lora_linear
+import dataclasses
+
+from adapter_doctor.kernels import TORCH, lora_linear
 from adapter_doctor.runtime import ensure_patched
 from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
 from adapter_doctor.runtime.replay import REPLAY, Tape, residual_add, taping
 
 IDS = torch.arange(2 * 10).reshape(2, 10) % 100 + 3
+# The references everywhere but the fused gradient-only projection, which runs on any device.
+SKIPPING = dataclasses.replace(TORCH, name="torch+gradient-only",
+                               lora_linear_gradient_only=lora_linear.lora_linear_gradient_only)
 
 
 def lora_grads(model):
@@ -21,11 +26,12 @@ def tiny_lora(tiny, family):
     return tiny.lora(tiny.base(family))  # lora_B randomised: PEFT's zeros would make every dA zero
 
 
+@pytest.mark.parametrize("kernels", [TORCH, SKIPPING], ids=["torch", "gradient-only"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])  # gemma2: sandwich norms, outputs not deferred
-def test_checkpointed_patched_layers_give_the_plain_gradients(tiny, family):
+def test_checkpointed_patched_layers_give_the_plain_gradients(tiny, family, kernels):
     expected = lora_grads(tiny_lora(tiny, family))
     model = tiny_lora(tiny, family)
-    ensure_patched(model, kernels="torch")
+    ensure_patched(model, kernels=kernels)
     assert enable_offloaded_checkpointing(model) == 2
     got = lora_grads(model)
     assert got.keys() == expected.keys()
@@ -33,9 +39,10 @@ def test_checkpointed_patched_layers_give_the_plain_gradients(tiny, family):
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_the_replay_runs_no_output_projection_gemm(tiny, monkeypatch):
+@pytest.mark.parametrize("kernels", [TORCH, SKIPPING], ids=["torch", "gradient-only"])
+def test_the_replay_runs_no_output_projection_gemm_with_the_fused_set(tiny, monkeypatch, kernels):
     model = tiny_lora(tiny, "llama")
-    ensure_patched(model, kernels="torch")
+    ensure_patched(model, kernels=kernels)
     enable_offloaded_checkpointing(model)
     names = {m.base_layer.weight.data_ptr(): name.rsplit(".", 1)[-1] for name, m in model.named_modules()
              if name.endswith(("q_proj", "o_proj", "down_proj"))}
@@ -50,9 +57,11 @@ def test_the_replay_runs_no_output_projection_gemm(tiny, monkeypatch):
     loss = model(input_ids=IDS, labels=IDS).loss
     monkeypatch.setattr(F, "linear", recording)
     loss.backward()
-    # both layers replay q_proj with its value; o_proj and down_proj never compute theirs
+    # both layers replay q_proj with its value; with the fused gradient-only projection o_proj and down_proj
+    # never compute theirs, while the pure reference set computes them (it is the kernel set that decides)
     assert used.count("q_proj") == 2
-    assert "o_proj" not in used and "down_proj" not in used
+    skipped = "o_proj" not in used and "down_proj" not in used
+    assert skipped == (kernels is SKIPPING)
 
 
 def test_a_replay_that_takes_another_path_fails_loudly():
