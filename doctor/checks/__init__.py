@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..artifact import Artifact
 from ..base_model import BaseModel, BaseResolution
+from ..config_kind import not_peft
 from ..env import Env
 from ..finding import Finding, Fix, Severity
 from ..knowledge import FieldSpec, Release, peft_table
@@ -57,7 +58,6 @@ class Context:
     env: Env
     resolution: BaseResolution = field(default_factory=lambda: BaseResolution(None))
     scan_values: bool = True
-    notes: dict = field(default_factory=dict)  # facts one runner leaves for a later one
     matcher: Matcher = field(default_factory=Matcher)  # the config's regexes share one time budget
 
     def config_file(self, key: str | None = None) -> str:
@@ -72,6 +72,11 @@ class Context:
         """The PEFT release the adapter is judged against (the newest known when PEFT is absent)."""
         table = peft_table()
         return table.resolve(self.env.peft) if self.env.peft else table.newest
+
+    @property
+    def not_peft(self) -> bool:
+        """Another tool's config, or no config PEFT could use: the checks of PEFT weights stand aside."""
+        return not_peft(self.artifact.config)
 
     @property
     def peft_type(self) -> str | None:

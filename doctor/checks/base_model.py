@@ -50,7 +50,7 @@ _QUANT = re.compile(r"bnb[-_]?[48]bit|[-_][48]bit\b|gptq|\bawq\b|[-_]awq|[-_]int
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
     config = ctx.artifact.config
-    if config is None or ctx.notes.get("not_peft"):
+    if config is None or ctx.not_peft:
         return
     res = ctx.resolution
     where = ctx.config_file("base_model_name_or_path")

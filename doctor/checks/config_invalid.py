@@ -5,6 +5,7 @@ import re
 from typing import Iterator
 
 from ..annotations import fits
+from ..config_kind import LORA_HINT_KEYS, foreign_tool
 from ..finding import Finding, Fix, Severity, brief
 from ..knowledge import peft_table
 from ..user_regex import RANK_FORM, pathological
@@ -47,15 +48,6 @@ register(MISSING, BAD_JSON, EMPTY, LFS, FOREIGN, NO_TYPE, BAD_TYPE, BAD_VALUE, P
 _REGEX_SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")  # a key without these is a plain name (dots aside)
 _MAX_PATTERNS = 256  # patterns bounded per config: each costs a parse
 
-# Key sets that identify configs of other tools saved under PEFT's file name.
-_FOREIGN = (
-    ({"lora_parameters", "fine_tune_type"}, "an MLX (mlx-lm) fine-tuning config"),
-    ({"lora_parameters", "lora_layers"}, "an MLX (mlx-lm) fine-tuning config"),
-    ({"adapter_path", "iters"}, "an MLX (mlx-lm) fine-tuning config"),
-    ({"config", "model_class"}, "an AdapterHub (adapters / adapter-transformers) adapter config"),
-    ({"config", "hidden_size", "model_name"}, "an AdapterHub (adapters / adapter-transformers) adapter config"),
-)
-_LORA_HINT_KEYS = {"r", "lora_alpha", "target_modules", "lora_dropout"}
 
 
 @runner
@@ -74,7 +66,7 @@ def check(ctx: Context) -> Iterator[Finding]:
         return
     known = peft_table().all_peft_types()
     if not isinstance(peft_type, str) or peft_type not in known:
-        lora_like = sorted(_LORA_HINT_KEYS & config.keys())
+        lora_like = sorted(LORA_HINT_KEYS & config.keys())
         hint = (f" Its fields ({', '.join(lora_like)}) are LoRA's: \"peft_type\": \"LORA\" is probably meant."
                 if len(lora_like) >= 2 else " A misspelling, or a method from a fork of PEFT?")
         yield BAD_TYPE.finding(f"peft_type is {brief(peft_type)}, which no PEFT release defines.{hint}",
@@ -101,13 +93,13 @@ def _problem_findings(ctx: Context, problem, path: str) -> Iterator[Finding]:
 
 
 def _without_peft_type(ctx: Context, config: dict, path: str) -> Iterator[Finding]:
-    for keys, what in _FOREIGN:
-        if keys <= config.keys():
-            ctx.notes["not_peft"] = True
-            yield FOREIGN.finding(f"{path} is {what}, not a PEFT adapter config (it has {', '.join(sorted(keys))})",
-                                  path, title=f"This is {what.split(' (')[0].removeprefix('an ').removeprefix('a ')}, not PEFT")
-            return
-    lora_like = _LORA_HINT_KEYS & config.keys()
+    foreign = foreign_tool(config)
+    if foreign is not None:
+        keys, what = foreign
+        yield FOREIGN.finding(f"{path} is {what}, not a PEFT adapter config (it has {', '.join(sorted(keys))})",
+                              path, title=f"This is {what.split(' (')[0].removeprefix('an ').removeprefix('a ')}, not PEFT")
+        return
+    lora_like = LORA_HINT_KEYS & config.keys()
     if len(lora_like) >= 2:
         yield NO_TYPE.finding(
             f"{path} has LoRA fields ({', '.join(sorted(lora_like))}) but no peft_type; PEFT cannot pick a config "
@@ -115,7 +107,6 @@ def _without_peft_type(ctx: Context, config: dict, path: str) -> Iterator[Findin
             ctx.config_file("peft_type"),
         )
         return
-    ctx.notes["not_peft"] = True
     yield FOREIGN.finding(
         f"{path} has no peft_type and none of PEFT's LoRA fields (keys: {', '.join(sorted(config)[:6]) or 'none'})",
         path,

@@ -36,7 +36,7 @@ def _sample(keys: list[AdapterKey]) -> str:
 def check(ctx: Context) -> Iterator[Finding]:
     primary = ctx.artifact.primary_weights
     tensors = ctx.artifact.tensors
-    if not tensors or primary is None or ctx.notes.get("not_peft"):
+    if not tensors or primary is None or ctx.not_peft:
         return
     keys = list(ctx.artifact.keys.values())
     where = str(primary.path)

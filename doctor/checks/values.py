@@ -39,7 +39,7 @@ def _mb(n: int) -> str:
 def check(ctx: Context) -> Iterator[Finding]:
     primary = ctx.artifact.primary_weights
     tensors = ctx.artifact.tensors
-    if primary is None or not tensors or ctx.notes.get("not_peft"):
+    if primary is None or not tensors or ctx.not_peft:
         return
     where = str(primary.path)
     empty = [n for n, t in tensors.items() if t.numel == 0]

@@ -54,7 +54,7 @@ register(NONE, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
     art = ctx.artifact
-    if art.kind == "config-only" or ctx.notes.get("not_peft"):
+    if art.kind == "config-only" or ctx.not_peft:
         return
     if not art.weights:
         yield NONE.finding(f"no adapter_model.safetensors or adapter_model.bin in {art.root}", str(art.root))
