@@ -1,6 +1,6 @@
 """Facts about PEFT releases, read from the committed table `peft_releases.json`.
 
-`regenerate.py` builds that table by parsing every published PEFT wheel. Checks ask questions of
+`tools/regenerate_peft_table.py` builds that table by parsing every published PEFT wheel. Checks ask questions of
 it (which fields does release X accept for LORA, what does X do with an unknown key); no check
 hard-codes a version number.
 """

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-KNOWLEDGE = Path(__file__).resolve().parents[3] / "doctor" / "knowledge"
-TABLE_PATH = KNOWLEDGE / "peft_releases.json"
+ROOT = Path(__file__).resolve().parents[2]
+TABLE_PATH = ROOT / "doctor" / "knowledge" / "peft_releases.json"
 
 
 def _load_regenerate():
-    spec = importlib.util.spec_from_file_location("peft_regenerate", KNOWLEDGE / "regenerate.py")
+    spec = importlib.util.spec_from_file_location("peft_regenerate", ROOT / "tools" / "regenerate_peft_table.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)

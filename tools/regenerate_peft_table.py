@@ -1,6 +1,6 @@
 """Regenerate peft_releases.json: what each published PEFT release accepts and how it loads configs.
 
-    python doctor/knowledge/regenerate.py [--out PATH] [--cache DIR] [--only VERSIONS]
+    python tools/regenerate_peft_table.py [--out PATH] [--cache DIR] [--only VERSIONS]
 
 Every fact is read from a release's source with ``ast``. PEFT code is never imported or run, so
 the table can be rebuilt without torch, and no installed PEFT can leak into it.
@@ -25,7 +25,7 @@ from packaging.version import InvalidVersion, Version
 
 INDEX_URL = "https://pypi.org/pypi/peft/json"
 DEFAULT_CACHE = Path.home() / ".cache" / "adapter-doctor" / "peft-wheels"
-DEFAULT_OUT = Path(__file__).with_name("peft_releases.json")
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "doctor" / "knowledge" / "peft_releases.json"
 CONFIG_MAPPING = "PEFT_TYPE_TO_CONFIG_MAPPING"
 EMPTY_FACTORIES = {"list": [], "dict": {}, "set": [], "tuple": []}
 JSON_READERS = ("from_json_file", "load")  # PeftConfig.from_json_file, json.load
