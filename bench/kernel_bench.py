@@ -123,7 +123,6 @@ def rms_norm_case(shape: Shape, device: str, dtype: Any, lora_dtype: Any) -> Cas
 
 def rope_case(shape: Shape, device: str, dtype: Any, lora_dtype: Any) -> Case:
     import torch
-
     from adapter_doctor.kernels.rope import rope_reference, rope_triton
 
     b, s, hd = shape.batch, shape.seq, shape.head_dim
@@ -166,7 +165,6 @@ def gated_case(name: str, ours: Callable[..., Any], reference: Callable[..., Any
 def linear_ce_case(shape: Shape, device: str, dtype: Any, lora_dtype: Any) -> Case:
     import torch
     import torch.nn.functional as F
-
     from adapter_doctor.kernels.cross_entropy import linear_cross_entropy_triton
 
     n = shape.tokens
@@ -290,7 +288,7 @@ def time_column(case: Case, fn: Callable[..., tuple], values: list[Any], iters: 
     del first
     sleep = getattr(torch.cuda, "_sleep", None)
     samples = []
-    for i in range(warmup + iters):
+    for _ in range(warmup + iters):
         inputs, grads = prepare()
         if cuda:
             torch.cuda.synchronize()
@@ -347,7 +345,7 @@ def run_case(case: Case, iters: int, warmup: int, check: bool, cuda: bool) -> di
         interpreter, out of memory): it is then left out of what follows."""
         try:
             return work()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - a column that cannot run here is recorded, not fatal
             columns[column]["error"] = error_text(error)
             del runnable[column]
             print(f"{case.name:<12} {column:<5} failed: {columns[column]['error']}", flush=True)
@@ -359,12 +357,12 @@ def run_case(case: Case, iters: int, warmup: int, check: bool, cuda: bool) -> di
     if check:
         ref = evaluate(case, case.columns["torch"], values)
         for column, fn in list(runnable.items()):
-            result = attempt(column, lambda: check_column(case, column, fn, values, ref))
+            result = attempt(column, lambda column=column, fn=fn: check_column(case, column, fn, values, ref))
             if result:
                 columns[column]["check"] = result
         del ref
     for column, fn in list(runnable.items()):
-        columns[column].update(attempt(column, lambda: time_column(case, fn, values, iters, warmup, cuda)))
+        columns[column].update(attempt(column, lambda fn=fn: time_column(case, fn, values, iters, warmup, cuda)))
     ours = columns["ours"].get("ms")
     ratios = {f"{c}_over_ours": columns[c]["ms"] / ours if ours and columns[c].get("ms") else None
               for c in ("liger", "torch")}

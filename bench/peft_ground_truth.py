@@ -241,7 +241,7 @@ def measure(version: str, venvs: Path, inputs: dict[str, str]) -> tuple[dict, di
         python = ensure_venv(venv, version)
     except subprocess.CalledProcessError:
         lines = (venv / "install.log").read_text(errors="replace").strip().splitlines()
-        env["error"] = "install failed: " + " | ".join([l for l in lines if l.startswith("ERROR")] or lines[-3:])[-600:]
+        env["error"] = "install failed: " + " | ".join([line for line in lines if line.startswith("ERROR")] or lines[-3:])[-600:]
         return env, {}
     env["pins"] = installed(python)
     env["requested"] = json.loads((venv / "peft-gt-requirements.json").read_text())

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from adapter_doctor.artifact import read_weights
 from adapter_doctor.tensor_data import scan_values
 

@@ -1,8 +1,8 @@
 """What is on disk for one adapter, read without torch: config, weight index, files, model card."""
 from __future__ import annotations
 
-import math
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -171,12 +171,17 @@ def read_weights(path: Path) -> WeightsFile:
         return WeightsFile(path, size, "lfs-pointer", lfs=read_lfs_pointer(head), problem_code="lfs-pointer",
                            problem="a Git LFS pointer, not the weights (run `git lfs pull`)")
     text = _as_text(head, size)
-    if text is not None:
+    if text is not None and not _is_text_pickle(path):
         return WeightsFile(path, size, "text", text_head=text, problem_code="text",
                            problem=f"a {size:,}-byte text file, not weights: {text!r}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, size)
     return WeightsFile(path, size, "pickle", pickle=pickle_scan.scan(path))
+
+
+def _is_text_pickle(path: Path) -> bool:
+    # A protocol-0 pickle is printable text; one that imports anything is no placeholder but code to run.
+    return path.suffix != ".safetensors" and bool(pickle_scan.scan(path).globals)
 
 
 def _as_text(head: bytes, size: int) -> str | None:

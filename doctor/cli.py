@@ -162,7 +162,7 @@ def _progress(total: int):
 FIX_CODES = """\b
 Exit codes:
   0  nothing to change (dry run), or the fix was written and no error is left
-  1  changes are planned (dry run), or errors remain after writing
+  1  changes are planned (dry run), errors remain after writing, or every edit was refused (--inplace, --out)
   2  usage error, an unreadable path, or a write that failed (the original is intact)"""
 
 
@@ -187,8 +187,7 @@ def fix(paths: tuple[Path, ...], inplace: bool, out: Path | None, target_peft: s
     the result is checked before it replaces anything. A fix that cannot keep the adapter's meaning is
     refused with the reason.
     """
-    from .fixers import FixOptions, FixWriteError, apply, plan
-    from .targets import TargetError
+    from .fixers import FixOptions
 
     if inplace and out:
         raise click.UsageError("--inplace and --out exclude each other")
@@ -196,47 +195,50 @@ def fix(paths: tuple[Path, ...], inplace: bool, out: Path | None, target_peft: s
     console = _console()
     records, code = [], 0
     for path in paths:
-        try:
-            p = plan(path, options)
-        except TargetError as exc:
-            records.append({"target": str(path), "error": str(exc)})
-            _say(console, fmt, f"✗ {exc}", "bold red")
-            code = 2
-            continue
-        record = p.to_dict()
+        record, path_code = _fix_one(path, options, console, fmt, inplace, out, yes, many=len(paths) > 1)
         records.append(record)
-        if fmt == "rich":
-            from .render.plan_report import render_plan
-
-            console.print(render_plan(p))
-        if p.empty:
-            continue
-        if not (inplace or out):
-            code = max(code, 1)
-            continue
-        if inplace and not yes and not _confirm(p):
-            _say(console, fmt, f"skipped {p.target}", "yellow")
-            code = max(code, 1)
-            continue
-        destination = out / p.target.name if out and len(paths) > 1 else out
-        try:
-            result = apply(p, inplace=inplace, out=destination, options=options)
-        except (FixWriteError, OSError) as exc:
-            record["error"] = str(exc)
-            _say(console, fmt, f"✗ {exc}", "bold red")
-            code = 2
-            continue
-        record.update(written=str(result.written), backup=str(result.backup) if result.backup else None,
-                      after=result.after.counts())
-        errors_left = record["after"]["error"]
-        code = max(code, 1 if errors_left else 0)
-        if fmt == "rich":
-            _summary(console, p, result)
+        code = max(code, path_code)
     if fmt == "json":
         click.echo(json.dumps({"schema": 1, "fixes": records}, indent=2, default=str))
     elif not (inplace or out) and code == 1:
         console.print("dry run: nothing was written (--inplace or --out DIR writes the fix)", style="dim")
     sys.exit(code)
+
+
+def _fix_one(path: Path, options, console, fmt: str, inplace: bool, out: Path | None, yes: bool, *,
+             many: bool) -> tuple[dict, int]:
+    """Plan, show and (with --inplace or --out) apply the fix of one target: its record and exit code."""
+    from .fixers import FixWriteError, apply, plan
+    from .targets import TargetError
+
+    try:
+        p = plan(path, options)
+    except TargetError as exc:
+        _say(console, fmt, f"✗ {exc}", "bold red")
+        return {"target": str(path), "error": str(exc)}, 2
+    record = p.to_dict()
+    if fmt == "rich":
+        from .render.plan_report import render_plan
+
+        console.print(render_plan(p))
+    if p.empty:
+        return record, 1 if p.refusals and (inplace or out) else 0  # every edit refused: the findings remain
+    if not (inplace or out):
+        return record, 1
+    if inplace and not yes and not _confirm(p):
+        _say(console, fmt, f"skipped {p.target}", "yellow")
+        return record, 1
+    try:
+        result = apply(p, inplace=inplace, out=out / p.target.name if out and many else out, options=options)
+    except (FixWriteError, OSError) as exc:
+        record["error"] = str(exc)
+        _say(console, fmt, f"✗ {exc}", "bold red")
+        return record, 2
+    record.update(written=str(result.written), backup=str(result.backup) if result.backup else None,
+                  after=result.after.counts())
+    if fmt == "rich":
+        _summary(console, p, result)
+    return record, 1 if record["after"]["error"] else 0
 
 
 def _say(console, fmt: str, message: str, style: str) -> None:

@@ -29,7 +29,7 @@ def _forward_findings(states: list) -> list[Finding]:
     for s in states:
         groups[(s.cls, s.origin, s.patcher, s.missing, s.missing_guarded, s.wrappers)].append(s)
     out = []
-    for (cls, origin, _, missing, guarded, wrappers), members in groups.items():
+    for (cls, origin, _, missing, guarded, _wrappers), members in groups.items():
         first = members[0]
         where = f"{len(members)} {cls} module(s), e.g. {first.path or '(root)'}"
         how = first.described

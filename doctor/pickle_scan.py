@@ -58,6 +58,10 @@ _MAX_PICKLE = 64 << 20  # tensor data lives outside the pickle; a 100k-tensor st
 _MAX_MEMBERS = 1 << 19  # zip entries: one per storage, and storages are at most one per tensor
 
 
+class BoundReached(ValueError):
+    """The walk reached one of its bounds: the rest of the pickle is unchecked, not known to be damaged."""
+
+
 @lru_cache(maxsize=1)
 def zip_errors() -> tuple[type[BaseException], ...]:
     """What reading a damaged zip archive raises (zipfile is imported only for archives)."""
@@ -115,13 +119,15 @@ _MARK = object()
 
 @dataclass
 class PickleScan:
-    format: str  # "zip", "legacy" (torch's pre-1.6 format) or "pickle"
+    format: str  # "zip", "legacy" (torch's pre-1.6 format), "tar" (older still) or "pickle"
     globals: list[str] = field(default_factory=list)
     tensors: dict[str, PickledTensor] | None = None
     other_entries: list[str] = field(default_factory=list)  # non-tensor values in the state dict
     error: str | None = None
     archive_prefix: str | None = None  # zip: where `data/<key>` lives
     storage_offsets: dict[str, int] = field(default_factory=dict)  # legacy: file offset of each storage
+    refused: str | None = None  # why torch could load code or bytes other than those scanned
+    unverified: bool = False  # the walk stopped at one of its bounds (refused, and also beyond what is read)
 
     @property
     def unsafe(self) -> list[str]:
@@ -133,7 +139,7 @@ class PickleScan:
 
     @property
     def passed(self) -> bool:
-        return self.error is None and not self.unsafe
+        return self.error is None and not self.unsafe and self.refused is None
 
 
 def is_dangerous(dotted: str) -> bool:
@@ -175,7 +181,7 @@ class _Machine:
         handlers = self.handlers
         for ops, (op, arg, _pos) in enumerate(pickletools.genops(stream), 1):
             if ops > _MAX_OPS:
-                raise ValueError(f"pickle has more than {_MAX_OPS:,} opcodes")
+                raise BoundReached(f"pickle has more than {_MAX_OPS:,} opcodes")
             if op.name == "STOP":
                 return self.stack.pop() if self.stack else None
             handler = handlers.get(op.name)
@@ -368,7 +374,7 @@ def scan(path: Path) -> PickleScan:
             magic = fh.read(4)
         if magic == b"PK\x03\x04":
             return _scan_zip(path)
-        return _scan_stream(path)
+        return _scan_tar(path) or _scan_stream(path)
     except OSError as exc:
         return PickleScan("pickle", error=f"unreadable: {exc.strerror or exc}")
 
@@ -380,34 +386,147 @@ def _scan_zip(path: Path) -> PickleScan:
     try:
         with open(path, "rb") as fh:  # before zipfile builds an object per entry
             entries = zip_entry_count(fh)
-        if entries > _MAX_MEMBERS:
-            result.error = f"zip archive lists {entries:,} entries (a torch archive has one per storage)"
-            return result
-        with zipfile.ZipFile(path) as zf:
-            _scan_archive(result, zf)
+            if entries > _MAX_MEMBERS:
+                result.error = f"zip archive lists {entries:,} entries (a torch archive has one per storage)"
+                return result
+            with zipfile.ZipFile(fh) as zf:
+                _scan_archive(result, zf, fh)
     except zip_errors() as exc:
         # A torch archive cut short loses its central directory, which sits at the end.
         result.error = f"damaged or truncated zip archive ({type(exc).__name__}: {exc})"
     return result
 
 
-def _scan_archive(result: PickleScan, zf: zipfile.ZipFile) -> None:
-    pkls = [n for n in zf.namelist() if n.endswith("data.pkl")]
-    if len(pkls) != 1:
-        result.error = f"zip archive holds {len(pkls)} data.pkl entries (a torch archive has one)"
+# Records only TorchScript writes: torch.load hands such an archive to torch.jit.load, which compiles and runs
+# the code in it (a class's __setstate__ runs while constants.pkl is read).
+_TORCHSCRIPT_RECORDS = (b"constants.pkl", b"bytecode.pkl", b".data/version")
+
+
+def _scan_archive(result: PickleScan, zf: zipfile.ZipFile, fh: io.BufferedIOBase) -> None:
+    # torch's reader (miniz) takes the record prefix from the first entry, finds records through the central
+    # directory ignoring ASCII case, and reads data where the central directory points. Where another reader
+    # could see other bytes under the same name, the archive is refused rather than guessed at.
+    infos = zf.infolist()
+    if not infos:
+        result.error = "zip archive holds no members"
         return
-    result.archive_prefix = pkls[0][: -len("data.pkl")]
-    unreadable = next((i for i in zf.infolist() if _member_problem(i)), None)
+    names = [_raw_name(i) for i in infos]
+    first = names[0]
+    if b"/" not in first:
+        result.error = f"first member {describe(first.decode('latin-1'))!r} is not in a folder (torch refuses it)"
+        return
+    prefix = first[: first.index(b"/") + 1]
+    result.archive_prefix = infos[0].filename.split("/", 1)[0] + "/"
+    result.refused = _ambiguity(infos, names, prefix, fh)
+    records = {n[len(prefix):].lower(): i for n, i in zip(names, infos) if n.startswith(prefix)}
+    script = sorted(r.decode("latin-1") for r in records if r.startswith(b"code/") or r in _TORCHSCRIPT_RECORDS)
+    pickles = [r for r in records if r.endswith(b".pkl")]
+    for info, name in zip(infos, names):  # every pickle torch could unpickle, whatever it is named
+        if name.lower().endswith(b".pkl") and info is not records.get(b"data.pkl"):
+            _walk_member(result, info, fh, collect=False)
+    if script:
+        result.refused = result.refused or (f"a TorchScript archive ({', '.join(script[:3])}): torch.load hands it to "
+                                            "torch.jit.load, which runs the code it holds")
+    elif len(pickles) > 1:
+        extra = sorted(p.decode("latin-1") for p in pickles if p != b"data.pkl")
+        result.refused = result.refused or f"pickles besides data.pkl ({', '.join(extra[:3])}); torch.save writes one"
+    if b"data.pkl" not in records:
+        if result.refused is None:
+            result.error = "zip archive holds no data.pkl (a torch archive has one)"
+        return
+    unreadable = next((i for i in infos if _member_problem(i)), None)
     if unreadable is not None:
         result.error = f"member {unreadable.filename}: {_member_problem(unreadable)}"
         return
-    info = zf.getinfo(pkls[0])
-    if info.file_size > _MAX_PICKLE:
-        result.error = f"data.pkl unpacks to {info.file_size:,} bytes (a state dict's is small)"
-        return
-    _run_one(result, io.BytesIO(zf.read(info)), collect=True)
-    if result.error is None and result.tensors and not result.unsafe:
+    _walk_member(result, records[b"data.pkl"], fh, collect=True)
+    if result.error is None and result.tensors and result.passed:
         result.error = _views_problem(result.tensors) or _zip_storage_problem(result, zf)
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    # The bytes miniz compares (zipfile decodes them and cuts them at a NUL).
+    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "surrogateescape")
+
+
+def _ambiguity(infos: list, names: list[bytes], prefix: bytes, fh: io.BufferedIOBase) -> str | None:
+    other = next((n for n in names if not n.startswith(prefix)), None)
+    if other is not None:
+        return (f"members under more than one top folder ({_show(prefix)}, {_show(other)}); torch reads "
+                f"{_show(prefix)} only")
+    if any(b"\x00" in n for n in names):
+        return "a member name holds a NUL byte, which readers cut in different places"
+    seen: dict[bytes, bytes] = {}
+    for name in names:
+        twin = seen.setdefault(name.lower(), name)
+        if twin is not name:
+            how = "twice" if twin == name else f"as {_show(twin)} and {_show(name)}"
+            return (f"member {_show(name)} is listed {how}; torch's lookup, which ignores case, may read either, "
+                    "so the one scanned is not known to be the one loaded")
+    for info, name in zip(infos, names):
+        local = _local_name(info, fh)
+        if local != name:
+            return (f"member {_show(name)} is named {_show(local or b'')} in its local header; torch reads the "
+                    "central directory's entry, other readers the local one")
+    return None
+
+
+def _show(name: bytes) -> str:
+    return repr(describe(name.decode("utf-8", "replace")))
+
+
+def _local_name(info: zipfile.ZipInfo, fh: io.BufferedIOBase) -> bytes | None:
+    fh.seek(info.header_offset)
+    head = fh.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return None
+    (n,) = struct.unpack_from("<H", head, 26)
+    return fh.read(n)
+
+
+def _read_member(info: zipfile.ZipInfo, fh: io.BufferedIOBase) -> bytes:
+    """A member's bytes read as miniz reads them: at the central directory's offset and sizes, CRC checked."""
+    import zipfile
+    import zlib
+
+    if info.file_size > _MAX_PICKLE or info.compress_size > _MAX_PICKLE + (1 << 20):
+        raise BoundReached(f"{info.filename} unpacks to {info.file_size:,} bytes (a state dict's pickle is small)")
+    fh.seek(info.header_offset)
+    head = fh.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"no local header for {info.filename}")
+    n, m = struct.unpack_from("<HH", head, 26)
+    fh.seek(info.header_offset + 30 + n + m)
+    raw = fh.read(info.compress_size)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        raw = zlib.decompressobj(-15).decompress(raw, info.file_size)
+    elif info.compress_type != zipfile.ZIP_STORED:
+        raise NotImplementedError(f"compression method {info.compress_type}")
+    if len(raw) != info.file_size or zlib.crc32(raw) != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC or size in {info.filename}")
+    return raw
+
+
+def _walk_member(result: PickleScan, info: zipfile.ZipInfo, fh: io.BufferedIOBase, collect: bool) -> None:
+    try:
+        data = _read_member(info, fh)
+    except zip_errors() as exc:
+        if collect:
+            result.error = f"member {info.filename}: {exc}"
+        if isinstance(exc, BoundReached):
+            result.refused = result.refused or _unverified(result, str(exc))
+        return
+    if collect:
+        _run_one(result, io.BytesIO(data), collect=True)
+    else:
+        _walk_all(result, data)
+
+
+def _walk_all(result: PickleScan, data: bytes) -> None:
+    """Record the globals of every pickle in `data`, one after another; their damage is not the file's."""
+    side = PickleScan(result.format, globals=result.globals)  # shares the list of globals
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data) and side.error is None:
+        _run_one(side, stream, collect=False)
 
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
@@ -485,6 +604,34 @@ def _zip_storage_problem(result: PickleScan, zf: zipfile.ZipFile) -> str | None:
     return None
 
 
+_TAR_PICKLES = ("storages", "tensors", "pickle")
+
+
+def _scan_tar(path: Path) -> PickleScan | None:
+    """torch.load tries its legacy tar format before anything else, and it unpickles three members of the tar
+    with no allow-list (`weights_only=False`); no adapter is saved that way, so any tar is refused."""
+    import tarfile
+
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, ValueError, UnicodeError, EOFError, OverflowError):
+        return None
+    result = PickleScan("tar", refused="a tar archive: torch.load reads it in its legacy tar format, which unpickles "
+                                       "its members (storages, tensors, pickle) with no allow-list")
+    with tar:
+        try:
+            for n, member in enumerate(tar):
+                if n >= 64:
+                    break
+                if member.name in _TAR_PICKLES and member.isfile() and member.size <= _MAX_PICKLE:
+                    fh = tar.extractfile(member)
+                    if fh is not None:
+                        _walk_all(result, fh.read(_MAX_PICKLE))
+        except (tarfile.TarError, ValueError, UnicodeError, EOFError, OverflowError, OSError):
+            pass  # the refusal stands; the globals only explain it
+    return result
+
+
 def _scan_stream(path: Path) -> PickleScan:
     result = PickleScan("pickle")
     with open(path, "rb") as fh:
@@ -510,6 +657,7 @@ def _scan_stream(path: Path) -> PickleScan:
                 objects.append(_run_one(result, head, collect=False, file_size=size))
             if result.error is None and end < size:
                 result.error = f"pickle data runs past the first {_MAX_PICKLE >> 20} MiB (a state dict's is small)"
+                result.refused = _unverified(result, result.error)
             if objects:
                 _collect_tensors(result, objects[0])
     return result
@@ -524,12 +672,21 @@ def _run_one(result: PickleScan, stream: io.BytesIO, collect: bool, file_size: i
         end = len(stream.getbuffer())
         if file_size is not None and file_size > end and stream.tell() >= end:
             result.error = f"pickle data runs past the first {_MAX_PICKLE >> 20} MiB (a state dict's is small)"
+            result.refused = result.refused or _unverified(result, result.error)
         else:
             result.error = f"malformed pickle: {exc}"
+            if isinstance(exc, BoundReached):
+                result.refused = result.refused or _unverified(result, str(exc))
         return None
     if collect:
         _collect_tensors(result, obj)
     return obj
+
+
+def _unverified(result: PickleScan, why: str) -> str:
+    # An unpickler reads on past the scan's bound and runs whatever comes after it.
+    result.unverified = True
+    return f"the scan stopped at its bound ({why}); what follows was never checked, and torch.load would run it"
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

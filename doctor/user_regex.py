@@ -14,7 +14,8 @@ import re
 from functools import lru_cache
 
 try:  # the parser behind re.compile, as re itself uses it
-    from re import _constants as _c, _parser as _sre
+    from re import _constants as _c
+    from re import _parser as _sre
 except ImportError:  # Python 3.10
     import sre_constants as _c  # type: ignore[no-redef]
     import sre_parse as _sre  # type: ignore[no-redef]

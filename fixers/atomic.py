@@ -5,50 +5,54 @@ fsynced, originals of changed files hard-linked into `.doctor-backup/<stamp>/`),
 are swapped with one atomic `renameat2(RENAME_EXCHANGE)`. A crash before the swap leaves the original
 untouched; after it, the fixed folder is complete. There is never a mix of old and new files.
 
-Files that are symbolic links are written through to their targets (each atomically), never
-replaced by a copy.
+Files that are symbolic links are never replaced by a copy. A link to a file inside the folder has that
+file replaced in the new folder. A link out of it is written through to its target (each atomically), the
+original kept beside the target and named in a journal (`journal.py`) until the swap is done, so that the
+next run finishes or undoes a killed one. A link into a Hugging Face cache blob, which other snapshots may
+share, is refused (`--out` writes a copy). Immutable files are refused before anything is written.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
-import stat
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator
+
+from .journal import STAGING_MARK, Journal, clear_temps, crash_point, fsync_dir, leftovers, recover
+from .preflight import FixWriteError, link_targets, refuse_immutable, writable
 
 Writer = Callable[[Path], None]  # writes one new file at the given path (and fsyncs it)
 BACKUP_DIR = ".doctor-backup"
-STAGING_MARK = ".doctor-staging-"
-
-
-class FixWriteError(Exception):
-    """Writing the fix failed; the original files are intact."""
 
 
 @dataclass(frozen=True)
 class Fingerprint:
+    """What a file was when planning began. Small files (the config) are hashed too: a save within one
+    clock tick of the last can keep size and mtime."""
+
     size: int
-    mtime_ns: int
+    mtime_ns: int  # not ctime: the backup's hard link changes it
     inode: int
+    digest: str | None = None
 
     @classmethod
     def of(cls, path: Path) -> "Fingerprint":
         st = path.stat()
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+        digest = None
+        if st.st_size <= SMALL_FILE:
+            with open(path, "rb") as fh:
+                digest = hashlib.sha256(fh.read(SMALL_FILE + 1)).hexdigest()
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, digest)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+SMALL_FILE = 1 << 20
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -83,19 +87,15 @@ def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 
 
-def _writable(path: Path) -> None:
-    mode = path.lstat().st_mode if not path.is_symlink() else path.resolve().stat().st_mode
-    if not mode & stat.S_IWUSR:
-        raise FixWriteError(f"{path} is read-only; make it writable (chmod u+w) or write a fixed copy with --out DIR")
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
         return
     try:
         os.link(src, dst)
-    except OSError:  # no hard links on this filesystem: a copy keeps the original intact just the same
+    except OSError as exc:  # no hard links on this filesystem: a copy keeps the original intact just the same
+        if exc.errno == errno.EPERM:
+            refuse_immutable(src, [])  # a link the kernel refuses may mean a file nothing can remove
         shutil.copy2(src, dst)
 
 
@@ -119,62 +119,85 @@ def replace_in_place(root: Path, writers: dict[str, Writer], remove: set[str],
 
     `guard` raises if the inputs changed since the plan was made; `verify` raises if the new folder
     (at its staging path) is not what was intended. Either way the original stays as it was.
+    A file that links to another inside the folder has that file replaced in the new folder; one that
+    links outside it is written through, its original kept beside it (named in the journal) until the
+    swap is done, so that a killed run is finished or undone by the next (`journal.recover`).
     """
     root = root.resolve()
-    clear_leftovers(root)
+    recover(root)
     for name in [*writers, *remove]:
         if (root / name).exists():
-            _writable(root / name)
-    staging = root.with_name(f"{STAGING_MARK}{root.name}-{stamp()}")
-    backup_rel = Path(BACKUP_DIR) / stamp()
-    linked = {n for n in writers if (root / n).is_symlink()}
-    pending: dict[str, tuple[Path, Path]] = {}  # symlinked files: (real target, its new content beside it)
-
-    def cleanup() -> None:
-        _discard(staging)
-        for _, tmp in pending.values():
-            tmp.unlink(missing_ok=True)
-
-    with _all_or_nothing(f"the fix in {root.parent}", cleanup):
+            writable(root / name)
+    through, inside = link_targets(root, writers)
+    refuse_immutable(root, through.values())
+    for real in through.values():
+        clear_temps(real)
+    run = stamp()
+    staging = root.with_name(f"{STAGING_MARK}{root.name}-{run}")
+    backup_rel = Path(BACKUP_DIR) / run
+    journal = Journal.begin(root, run, staging, through)
+    with _all_or_nothing(f"the fix in {root.parent}", lambda: _settle_quietly(journal)):
+        crash_point("journal")
         staging.mkdir()
         shutil.copystat(root, staging)
-        _mirror(root, staging, set(writers) | remove)
+        _mirror(root, staging, (set(writers) - set(inside)) | remove)
         backup = staging / backup_rel
         backup.mkdir(parents=True)
-        for name in (set(writers) | remove) - linked:
-            if (root / name).exists():
-                _link_or_copy(root / name, backup / name)
+        for name in (set(writers) | remove) - set(through):
+            source = root / inside.get(name, name)
+            if source.exists() or source.is_symlink():
+                _link_or_copy(source, backup / name)
+        crash_point("staging")
         for name, write in writers.items():
-            if name in linked:
-                real = (root / name).resolve()
-                pending[name] = (real, real.with_name(f".{real.name}.{stamp()}.tmp"))
-                write(pending[name][1])
-                shutil.copymode(real, pending[name][1])
-                os.symlink(pending[name][1], staging / name)  # so that `verify` sees the new content
+            if name in through:
+                link = journal.links[name]
+                write(link.tmp)
+                shutil.copymode(link.real, link.tmp)
+                os.symlink(link.tmp, staging / name)  # so that `verify` sees the new content
             else:
-                write(staging / name)
-                if (root / name).exists():
-                    shutil.copymode(root / name, staging / name)
-        for folder in (backup, backup.parent, staging):
-            fsync_dir(folder)
+                path = staging / inside.get(name, name)
+                path.unlink(missing_ok=True)
+                write(path)
+                if (root / inside.get(name, name)).exists():
+                    shutil.copymode(root / inside.get(name, name), path)
+        crash_point("written")
         verify(staging)
         guard()
-        for name, (real, tmp) in pending.items():  # outside the folder, so outside the swap: each atomic alone
+        crash_point("verified")
+        for name, link in journal.links.items():  # outside the folder, so outside the swap: each atomic alone
             (staging / name).unlink()
             os.symlink(os.readlink(root / name), staging / name)
-            shutil.copy2(real, backup / name)
-            os.replace(tmp, real)
-            fsync_dir(real.parent)
+            _link_or_copy(link.real, backup / name)
+            journal.keep_original(link)
+            crash_point("saved")
+            os.replace(link.tmp, link.real)
+            fsync_dir(link.real.parent)
+            crash_point("replaced")
+        for folder in _folders(staging) + [backup, backup.parent]:
+            fsync_dir(folder)
         _exchange(root, staging)
         fsync_dir(root.parent)
-    _discard(staging)  # now holds the old folder, whose files all live on in the new one or its backup
+        crash_point("swapped")
+    journal.settle()  # the staging path now holds the old folder, whose files all live on in the new one or its backup
     return root / backup_rel
+
+
+def _settle_quietly(journal: Journal) -> None:
+    try:
+        journal.settle()
+    except OSError:
+        pass  # the journal stays, and the next run settles it
+
+
+def _folders(top: Path) -> list[Path]:
+    return [Path(folder) for folder, _, _ in os.walk(top)]
 
 
 def write_copy(root: Path, out: Path, writers: dict[str, Writer], remove: set[str], verify: Callable[[Path], None]) -> None:
     """Write the fixed adapter to `out` (which must not exist), leaving `root` untouched."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FixWriteError(f"{out} exists and is not empty; choose a new folder for --out")
+    recover(out)  # a killed earlier --out run's staging folder
     staging = out.with_name(f"{STAGING_MARK}{out.name}-{stamp()}")
     with _all_or_nothing(str(out), lambda: _discard(staging)):
         staging.mkdir(parents=True)
@@ -198,7 +221,9 @@ def write_copy(root: Path, out: Path, writers: dict[str, Writer], remove: set[st
 def replace_file(path: Path, write: Writer, guard: Callable[[], None], verify: Callable[[Path], None]) -> Path:
     """Replace one file atomically (temp file, fsync, rename, fsync the folder); return the backup folder."""
     real = path.resolve()  # a symlink is written through
-    _writable(path)
+    writable(path)
+    link_targets(path.parent.resolve(), [path.name])  # refuses a shared cache blob
+    clear_temps(real)
     tmp = real.with_name(f".{real.stem}.doctor-{stamp()}{real.suffix}")
     backup = path.parent / BACKUP_DIR / stamp()
     with _all_or_nothing(str(path), lambda: tmp.unlink(missing_ok=True)):
@@ -231,27 +256,10 @@ def _discard(path: Path) -> None:
 
 
 def leftover_staging(root: Path) -> list[Path]:
-    """Staging folders a killed run left beside `root` (the original is intact; they can go)."""
-    root = root.resolve()
-    return sorted(root.parent.glob(f"{STAGING_MARK}{root.name}-*"))
+    """Staging folders and journals that runs left beside `root`."""
+    return leftovers(root)
 
 
 def clear_leftovers(root: Path) -> list[Path]:
-    """Remove what killed runs left beside `root`; a run still alive keeps its own."""
-    cleared = []
-    for path in leftover_staging(root):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            _discard(path)
-            cleared.append(path)
-    return cleared
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Finish or undo what killed runs left beside `root`; a run still alive keeps its own."""
+    return recover(root)

@@ -9,8 +9,9 @@ from adapter_doctor import Options, diagnose
 from adapter_doctor.finding import Report, Severity
 
 from . import weights
-from .atomic import Fingerprint, clear_leftovers, FixWriteError, replace_file, replace_in_place, write_copy, write_copy_file
+from .atomic import Fingerprint, FixWriteError, replace_file, replace_in_place, write_copy, write_copy_file
 from .context import FixOptions
+from .journal import recover
 from .plan import Plan, peft_json
 
 
@@ -46,7 +47,8 @@ def _guard(plan: Plan):
     def check() -> None:
         for name, before in plan.fingerprints.items():
             path = plan.target / name
-            if not path.exists() or Fingerprint.of(path) != before:
+            now = Fingerprint.of(path) if path.is_file() else None
+            if now != before:
                 raise FixWriteError(f"{path} changed while it was being fixed; nothing was changed. Run the fix again.")
 
     return check
@@ -72,7 +74,7 @@ def apply(plan: Plan, *, inplace: bool = False, out: Path | None = None, options
     options = options or FixOptions()
     result = Result(plan.target)
     if inplace and not plan.config_only:
-        clear_leftovers(plan.target)  # what a killed earlier run left beside the folder
+        recover(plan.target)  # what a killed earlier run left beside the folder
     if plan.empty or not (inplace or out):
         return result
     files = writers(plan)

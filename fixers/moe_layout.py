@@ -18,7 +18,6 @@ import math
 import re
 
 import numpy as np
-
 from adapter_doctor.adapter_keys import BASE_PREFIX
 from adapter_doctor.base_model import arch_facts, family_of
 

@@ -14,6 +14,7 @@ from adapter_doctor.targets import Target, TargetError, discover
 from . import canonicalize_keys, cast_dtype, migrate_config, migrate_layout, pickle_to_safetensors, set_base
 from .atomic import Fingerprint
 from .context import FixContext, FixOptions
+from .journal import recover
 from .plan import ABSENT, Plan, Refusal, WeightsJob
 
 # Order matters: config edits first (later fixers read the edited config), then names, then data.
@@ -40,6 +41,11 @@ def plan(path: Path | str, options: FixOptions | None = None) -> Plan:
     """What `doctor fix` would change in the adapter at `path`. Raises TargetError for a bad path."""
     options = options or FixOptions()
     target = single_target(Path(path))
+    folder = target.config_path.name == "adapter_config.json"  # else a lone config, fixed on its own
+    if folder:
+        recover(target.root)  # a killed earlier run is finished or undone before anything is read
+    # Taken before anything is read, so that a save while the plan is made is seen when it is written.
+    before = _fingerprints(target.root if folder else None, target.config_path)
     env = Env.detect(options.target_peft, options.target_transformers)
     art = read_artifact(target.root, target.config_path, target.name)
     config = art.config or {}
@@ -61,9 +67,13 @@ def plan(path: Path | str, options: FixOptions | None = None) -> Plan:
                         for f in findings if f.id not in handled and f.severity is not Severity.INFO]
     if job and (job.renames or job.cast or job.from_pickle or job.tensors is not None):
         result.weights = job
-    result.fingerprints = {p.name: Fingerprint.of(p) for p in [target.config_path, *(w.path for w in art.weights)]
-                           if p.exists()}
+    result.fingerprints = {p.name: before.get(p.name) for p in [target.config_path, *(w.path for w in art.weights)]}
     return result
+
+
+def _fingerprints(root: Path | None, config: Path) -> dict[str, Fingerprint]:
+    paths = [config, *(p for p in root.iterdir() if p.name != config.name)] if root else [config]
+    return {p.name: Fingerprint.of(p) for p in paths if p.is_file()}
 
 
 def _merge(result: Plan, job: WeightsJob | None, part) -> None:

@@ -14,8 +14,12 @@ from typing import Callable
 
 from . import cross_entropy, lora_linear, rms_norm, rope, swiglu
 from .cross_entropy import causal_lm_labels, cross_entropy_reference
-from .lora_linear import LoraParts, lora_linear_gradient_only_reference, lora_linear_reference, \
-    lora_multi_linear_reference
+from .lora_linear import (
+    LoraParts,
+    lora_linear_gradient_only_reference,
+    lora_linear_reference,
+    lora_multi_linear_reference,
+)
 from .rms_norm import rms_norm_reference
 from .rope import rope_reference
 from .swiglu import geglu_reference, swiglu_reference

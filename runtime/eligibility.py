@@ -42,7 +42,7 @@ def _global_hooks() -> bool:
     return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
 
 
-def why_not_fused(module: Any) -> str | None:
+def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule per return, read top to bottom
     """Why this `lora.Linear` cannot take the fused path right now, or None when it can."""
     import torch.nn as nn
 

@@ -25,8 +25,20 @@ from . import introspect
 from .classes import marker_of, patched_class, restored_class
 from .modules import IMPLEMENTATIONS
 from .pristine import pristine_attr, pristine_instance
-from .report import ALREADY, BROKEN, KEPT, PATCHED, REPAIRED, RESTORED, SKIPPED, UNSUPPORTED, Fallback, \
-    ModuleAction, PatchError, PatchReport
+from .report import (
+    ALREADY,
+    BROKEN,
+    KEPT,
+    PATCHED,
+    REPAIRED,
+    RESTORED,
+    SKIPPED,
+    UNSUPPORTED,
+    Fallback,
+    ModuleAction,
+    PatchError,
+    PatchReport,
+)
 from .specs import ModuleSpec, match, specs_for
 
 SAVED = "_adapter_doctor_saved"

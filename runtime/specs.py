@@ -33,8 +33,9 @@ def _attention_needs(options: AttentionOptions) -> tuple[str, ...]:
     return tuple(needs)
 
 
-def _decoder_family(prefix: str, *, norm: NormOptions = LLAMA_NORM, attention: AttentionOptions = AttentionOptions(),
-                    decoder: DecoderOptions = DecoderOptions()) -> tuple[ModuleSpec, ...]:
+def _decoder_family(prefix: str, *, norm: NormOptions = LLAMA_NORM,
+                    attention: AttentionOptions = AttentionOptions(),  # noqa: B008 - frozen, so shared safely
+                    decoder: DecoderOptions = DecoderOptions()) -> tuple[ModuleSpec, ...]:  # noqa: B008
     norms = ("input_layernorm", "post_attention_layernorm")
     norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm") if decoder.sandwich_norm else ()
     return (

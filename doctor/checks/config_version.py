@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..finding import Finding, Fix, Severity
-from ..knowledge import config_fields, peft_table, parse_version
+from ..knowledge import config_fields, parse_version, peft_table
 from ..peft_load import UnknownKey, classify_unknown, predict
 from . import Check, Context, register, runner
 

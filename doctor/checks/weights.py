@@ -43,12 +43,18 @@ UNKNOWN_GLOBALS = Check(
     "A weights pickle needs only torch's tensor-rebuild functions and storage classes. Anything else makes "
     "`torch.load(weights_only=True)` (PEFT's loader) refuse the file, and could run code if loaded unsafely.",
     manual="Convert it in a sandbox you trust, or get the weights as safetensors.")
+REFUSED = Check(
+    "ADC424", "weights-unsafe", Severity.ERROR, "The weights file may load something other than what was scanned",
+    "torch.load would run code the opcode scan cannot vouch for: TorchScript (run by torch.jit.load), a legacy tar "
+    "archive, pickles besides data.pkl, or a zip whose members another reader resolves differently (names that "
+    "differ only in case, duplicates, several top folders, local headers that disagree with the central directory).",
+    manual="Delete it; do not load it. Ask for the weights as safetensors.")
 PICKLE = Check(
     "ADC423", "weights-unsafe", Severity.WARNING, "Weights are a pickle (.bin), not safetensors",
     "The opcode scan passed: the file holds only tensors. Pickles still need torch to read, load slower, and cannot "
     "be checked by safetensors tooling; transformers refuses them on torch < 2.6 (CVE-2025-32434).",
     fixer="pickle-to-safetensors")
-register(NONE, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN_GLOBALS, PICKLE)
+register(NONE, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN_GLOBALS, REFUSED, PICKLE)
 
 
 @runner
@@ -87,7 +93,10 @@ def _pickle_findings(wf: WeightsFile, where: str, shadowed: bool) -> Iterator[Fi
     others = [g for g in scan.unsafe if g not in scan.dangerous]
     if others:
         yield UNKNOWN_GLOBALS.finding(f"{wf.path.name} imports {', '.join(others)}", where)
-    if scan.error:
+    if scan.refused:
+        yield REFUSED.finding(f"{wf.path.name}: {scan.refused}", where)
+    # Damage matters only in a file that could be loaded; a walk cut short by a bound is both.
+    if scan.error and (scan.unverified or not (scan.unsafe or scan.refused)):
         yield BAD_PICKLE.finding(f"{wf.path.name} ({wf.size:,} bytes): {scan.error}", where)
     elif scan.passed and scan.tensors is None:
         yield BAD_PICKLE.finding(f"{wf.path.name} holds a pickled object that is not a dict of tensors", where,

@@ -1,7 +1,6 @@
+from adapter_doctor.adapter_keys import ModuleSelector, ParameterSelector, dot_suffixes, module_selected, parse_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from adapter_doctor.adapter_keys import ModuleSelector, ParameterSelector, dot_suffixes, module_selected, parse_key
 
 _parts = st.lists(st.sampled_from(["a", "b", "q_proj", "", "layers", "0"]), min_size=1, max_size=5)
 _names = _parts.map(".".join)

@@ -1,11 +1,8 @@
 import json
-from pathlib import Path
 
 import jsonschema
-import pytest
-from click.testing import CliRunner
-
 from adapter_doctor.cli import main
+from click.testing import CliRunner
 from conftest import DATA, ROOT
 
 REAL = DATA / "real-adapters"

@@ -8,7 +8,6 @@ the measured table below is test data only.
 import json
 
 import pytest
-
 from adapter_doctor.artifact import parse_config_bytes
 from adapter_doctor.knowledge import peft_table
 from adapter_doctor.peft_load import predict

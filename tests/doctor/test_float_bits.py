@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
+from adapter_doctor.float_bits import FLOATS, classify_bytes, classify_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from adapter_doctor.float_bits import FLOATS, classify_bytes, classify_numpy
 
 SPECIAL = {
     "BF16": [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F7F, 0x0001, 0x3F80],

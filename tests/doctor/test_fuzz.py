@@ -4,12 +4,11 @@ import shutil
 import struct
 
 import pytest
+from adapter_doctor.cli import main
 from click.testing import CliRunner
+from conftest import DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from adapter_doctor.cli import main
-from conftest import DATA
 
 HEALTHY = DATA / "real-adapters" / "000-0112LY__logo-gemma-lora__adapter"
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

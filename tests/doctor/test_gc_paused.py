@@ -1,7 +1,6 @@
 import gc
 
 import pytest
-
 from adapter_doctor.gc_paused import gc_paused
 
 

@@ -1,6 +1,5 @@
 """The local Hugging Face cache is found where huggingface_hub puts it."""
 import pytest
-
 from adapter_doctor.base_model import hf_cache_dir
 
 CLEAR = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")

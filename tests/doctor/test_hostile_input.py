@@ -7,7 +7,6 @@ import struct
 import zipfile
 
 import pytest
-
 from conftest import DATA
 from hostile import View, assert_contained, member_span, run_isolated, torch_zip
 

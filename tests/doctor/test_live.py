@@ -1,12 +1,11 @@
 """inspect_model on live models: foreign patches, frozen adapters, dtypes, checkpointing, unsupported types."""
 import torch
 import transformers
-from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
-
 from adapter_doctor import ensure_patched, inspect_model
 from adapter_doctor.cli import main
+from click.testing import CliRunner
 from conftest import FIXTURES
+from peft import LoraConfig, PeftModel, get_peft_model
 from standins import unsloth
 
 

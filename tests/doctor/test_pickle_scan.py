@@ -3,7 +3,6 @@ import zipfile
 from collections import OrderedDict
 
 import pytest
-
 from adapter_doctor.pickle_scan import ALLOWED_GLOBALS, is_dangerous, scan
 
 

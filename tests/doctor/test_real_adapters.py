@@ -2,7 +2,6 @@
 reported are exactly these, each verified by hand (e.g. the all-zero lora_B tensors were read back
 with safetensors)."""
 import pytest
-
 from conftest import DATA, check
 
 REAL = DATA / "real-adapters"

@@ -3,10 +3,9 @@ import struct
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
 from adapter_doctor.safetensors_header import HeaderError, parse_header, read_header
 from conftest import safetensors_bytes
+from safetensors.numpy import save_file
 
 F32x4 = ("F32", [2, 2], np.arange(4, dtype=np.float32).tobytes())
 
@@ -167,10 +166,9 @@ def test_a_header_of_a_million_empty_objects_is_refused_before_it_is_built():
 
 # --- differential: never accept what the reference parser refuses ----------------------------------
 
+from adapter_doctor.safetensors_header import DTYPE_BITS  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from adapter_doctor.safetensors_header import DTYPE_BITS  # noqa: E402
 
 _names = st.text(st.characters(categories=["L", "N", "P"]) | st.sampled_from(["\ud800", "\udfff", "\x00"]), max_size=6)
 _dims = st.lists(st.sampled_from([*range(6)] * 5 + [2**32, 2**63, 2**64]), max_size=3)

@@ -3,7 +3,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from adapter_doctor.artifact import read_weights
 from adapter_doctor.tensor_data import TensorDataError, scan_values, tensor_digests
 from conftest import safetensors_bytes

@@ -2,8 +2,7 @@ import re
 import time
 
 import pytest
-
-from adapter_doctor.user_regex import RANK_FORM, Matcher, paths, pathological
+from adapter_doctor.user_regex import RANK_FORM, Matcher, pathological, paths
 
 CATASTROPHIC = ["(a*)*b", "(a+)+$", "(a|a)*x", "(a|aa)*b", "(x+x+)+y", "(\\w+)*$", "(.*a){20}", "((ab)*)*c",
                 "(?:a?){40}a{40}", ".*a.*a.*a.*a.*a.*b"]

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from adapter_doctor.fixers import FixOptions, FixWriteError, apply, plan
 from adapter_doctor.fixers import execute as apply_module
 from adapter_doctor.fixers import tensors as tensors_module

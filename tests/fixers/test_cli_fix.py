@@ -2,11 +2,10 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
-
 from adapter_doctor.cli import main
 from adapter_doctor.fixers import FixOptions, apply, plan
-from conftest import FIXTURES, broken, healthy
+from click.testing import CliRunner
+from conftest import broken, healthy
 
 
 def run(*args: str, input: str | None = None):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from adapter_doctor.fixers.tensors import RawTensor, write_tensors
 from conftest import broken
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, healthy
-
 from adapter_doctor.fixers.moe_layout import LayoutRefusal, fused_to_per_expert, per_expert_to_fused
 from adapter_doctor.fixers.tensors import RawTensor, read_tensors, write_tensors
+from conftest import FIXTURES, healthy
 
 MIXTRAL_V4, QWEN_V5 = healthy("v4/mixtral-per-expert"), healthy("qwen3moe-v5-target-parameters")
 MIXTRAL, QWEN = FIXTURES / "bases" / "mixtral", FIXTURES / "bases" / "qwen3_moe"

@@ -1,5 +1,4 @@
 import pytest
-
 from adapter_doctor.fixers import FixOptions, plan
 from adapter_doctor.fixers.plan import ABSENT
 from conftest import FIXTURES, broken, healthy

@@ -1,7 +1,6 @@
 """Every fixable broken fixture, once fixed, loads in real PEFT as the healthy adapter it came from."""
 import pytest
 import torch
-
 from adapter_doctor.fixers import FixOptions, apply, plan
 from conftest import FIXTURES, broken, healthy, peft_logits
 

@@ -10,12 +10,15 @@ in norm on gradients.
 """
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 from adapter_doctor.kernels import TORCH
+from adapter_doctor.kernels.cross_entropy import (
+    causal_lm_labels,
+    cross_entropy_reference,
+    linear_cross_entropy,
+    linear_cross_entropy_triton,
+)
 from adapter_doctor.runtime.eligibility import head_parts
-from adapter_doctor.kernels.cross_entropy import causal_lm_labels, cross_entropy_reference, linear_cross_entropy, \
-    linear_cross_entropy_triton
+from peft import LoraConfig, get_peft_model
 
 N, H, V, R = 38, 24, 1000, 4  # 38 rows in chunks of 16: the last chunk is partial
 

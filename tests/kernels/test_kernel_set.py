@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from adapter_doctor.kernels import TORCH, available, kernel_set
 from adapter_doctor.kernels.lora_linear import lora_linear_reference
 from adapter_doctor.kernels.rms_norm import rms_norm_reference

@@ -1,10 +1,9 @@
 """lora_linear_reference against PEFT's lora.Linear and the merged weight; lora_parts' eligibility rules."""
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 from adapter_doctor.kernels.lora_linear import lora_linear, lora_linear_reference
 from adapter_doctor.runtime.eligibility import is_lora_linear, lora_parts, why_not_fused
+from peft import LoraConfig, get_peft_model
 
 IN, OUT, R = 37, 29, 5  # odd sizes
 

@@ -10,12 +10,16 @@ rounding of O(1) terms: 1e-2 relative in norm for outputs and gradients.
 """
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
 from adapter_doctor.kernels import TORCH, kernel_set
-from adapter_doctor.kernels.lora_linear import LoraParts, lora_linear, lora_multi_linear, lora_multi_linear_fused, \
-    lora_multi_linear_reference
+from adapter_doctor.kernels.lora_linear import (
+    LoraParts,
+    lora_linear,
+    lora_multi_linear,
+    lora_multi_linear_fused,
+    lora_multi_linear_reference,
+)
 from adapter_doctor.runtime.eligibility import lora_parts
+from peft import LoraConfig, get_peft_model
 
 IN = 37
 PROJECTIONS = [(29, 5, True), (13, 3, False), (13, 4, True)]  # (out, rank, bias): q, k, v of odd sizes

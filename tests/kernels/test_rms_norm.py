@@ -1,10 +1,9 @@
 """rms_norm_reference against the formula in float64 and against the transformers modules it replaces."""
 import pytest
 import torch
+from adapter_doctor.kernels.rms_norm import rms_norm, rms_norm_reference
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-from adapter_doctor.kernels.rms_norm import rms_norm, rms_norm_reference
 
 SHAPE = (3, 13, 67)  # odd batch, sequence and hidden sizes
 

@@ -10,9 +10,13 @@ products to bf16, so they differ by about that rounding: 1e-2 relative in norm.
 """
 import pytest
 import torch
-
-from adapter_doctor.kernels.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward, rms_norm_reference, \
-    rms_norm_triton
+from adapter_doctor.kernels.rms_norm import (
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
+    rms_norm_reference,
+    rms_norm_triton,
+)
 
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one ulp is 2^-7 of the value's leading power of two
 ORDERS = {"llama": (0.0, False), "gemma": (1.0, True), "offset-llama-order": (1.0, False)}

@@ -1,9 +1,8 @@
 """rope_reference against the rotation it stands for and against transformers' apply_rotary_pos_emb."""
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 from adapter_doctor.kernels.rope import rope, rope_reference
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 B, H, KV, S, D = 3, 5, 1, 13, 18  # odd batch, heads and sequence; head_dim must be even
 

@@ -8,7 +8,6 @@ element may differ by a rounding of each (2 ulps, 2·2^-7 relative to the larges
 """
 import pytest
 import torch
-
 from adapter_doctor.kernels.rope import rope, rope_reference, rope_triton
 
 B, H, KV, S, D = 2, 5, 3, 13, 18  # odd heads and sequence; half of head_dim (9) is not a power of two

@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from transformers.activations import ACT2FN
-
 from adapter_doctor.kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
+from transformers.activations import ACT2FN
 
 SHAPE = (3, 11, 37)
 

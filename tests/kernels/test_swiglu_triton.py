@@ -7,9 +7,7 @@ the product, so an element may differ by 1.5 ulps (2·2^-7 relative with the mar
 """
 import pytest
 import torch
-
-from adapter_doctor.kernels.swiglu import geglu, geglu_reference, geglu_triton, swiglu, swiglu_reference, \
-    swiglu_triton
+from adapter_doctor.kernels.swiglu import geglu, geglu_reference, geglu_triton, swiglu, swiglu_reference, swiglu_triton
 
 BF16_ULP = 2.0**-7
 IN, OUT = 16, 37  # 3 x 11 x 37 = 1221 elements: one full block of 1024 and a partial one

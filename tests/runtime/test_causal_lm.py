@@ -1,8 +1,7 @@
 """The patched causal-LM head: the loss without logits in training, exact gradients for an adapted lm_head."""
 import torch
-from peft import LoraConfig, get_peft_model
-
 from adapter_doctor.runtime import ensure_patched
+from peft import LoraConfig, get_peft_model
 
 
 def test_lora_on_lm_head_gets_its_gradients(tiny):

@@ -2,10 +2,9 @@
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
-
 from adapter_doctor.runtime import ensure_patched
 from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
+from peft import LoraConfig, get_peft_model
 
 BATCH = torch.arange(2 * 12).reshape(2, 12) % 60 + 2
 

@@ -27,10 +27,9 @@ def task_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(patched: bool) -> tuple[list[float], dict]:
+    from adapter_doctor import ensure_patched
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from adapter_doctor import ensure_patched
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

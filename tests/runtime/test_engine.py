@@ -1,9 +1,8 @@
 """The engine's contract: instances only, all or nothing, idempotent, exactly reversible, marked, strict."""
+import adapter_doctor
 import pytest
 import torch
-
-import adapter_doctor
-from adapter_doctor.runtime import PatchError, ensure_patched, engine, unpatch
+from adapter_doctor.runtime import PatchError, engine, ensure_patched, unpatch
 
 
 def module_states(model):

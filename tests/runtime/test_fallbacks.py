@@ -1,7 +1,6 @@
 """Per-projection fallbacks: LoRA layers the fused kernel cannot run are called as PEFT runs them, and reported."""
 import pytest
 import torch
-
 from adapter_doctor.runtime import ensure_patched
 
 

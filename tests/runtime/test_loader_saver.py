@@ -5,12 +5,11 @@ import warnings
 
 import torch
 import transformers
-from peft import PeftModel
-
 from adapter_doctor import Options, diagnose
 from adapter_doctor.runtime import load, save_adapter
 from adapter_doctor.safetensors_header import read_header
 from conftest import FIXTURES
+from peft import PeftModel
 
 BASE = FIXTURES / "bases" / "llama"
 ADAPTER = FIXTURES / "healthy" / "llama-lora"

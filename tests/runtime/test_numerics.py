@@ -3,7 +3,6 @@
 Tolerances: logits and loss 1e-5, gradients 1e-4, each relative to the tensor's largest magnitude (fp32).
 """
 import torch
-
 from adapter_doctor.runtime import ensure_patched, unpatch
 
 LOGITS, GRADS = 1e-5, 1e-4

@@ -8,9 +8,8 @@ import types
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaAttention
-
 from adapter_doctor.runtime import PatchError, ensure_patched, unpatch
+from transformers.models.llama.modeling_llama import LlamaAttention
 
 
 def fast_attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):

@@ -1,10 +1,9 @@
 """Selective replay in checkpointed layers: exact gradients, and o_proj/down_proj GEMMs left out."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import dataclasses
-
 from adapter_doctor.kernels import TORCH, lora_linear
 from adapter_doctor.runtime import ensure_patched
 from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing

@@ -13,10 +13,9 @@ import textwrap
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
-
 from adapter_doctor import ensure_patched, inspect_model
 from adapter_doctor.runtime import load, save_adapter, unpatch
+from peft import LoraConfig, PeftModel, get_peft_model
 from standins import unsloth
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,12 +9,11 @@ import random
 import pytest
 import torch
 import transformers
+from adapter_doctor import inspect_model
+from adapter_doctor.runtime import ensure_patched, load
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from trl import SFTConfig, SFTTrainer
-
-from adapter_doctor import inspect_model
-from adapter_doctor.runtime import ensure_patched, load
 
 WORDS = "the cat dog sat on a mat and ran to red blue big small house tree is was very fast".split()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-
 from adapter_doctor.finding import Severity
 from conftest import FIXTURES, broken, check, healthy, ids
 

@@ -1,6 +1,5 @@
 """Every healthy fixture and every real adapter that loads cleanly must produce no warning or error."""
 import pytest
-
 from conftest import FIXTURES, check
 
 HEALTHY = sorted(p for p in (FIXTURES / "healthy").rglob("adapter_config.json"))

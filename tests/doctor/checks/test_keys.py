@@ -1,5 +1,4 @@
 import pytest
-
 from adapter_doctor.finding import Severity
 from conftest import FIXTURES, broken, check, ids
 
