@@ -61,10 +61,24 @@ def cast(t: RawTensor, dtype: str) -> RawTensor:
 
 
 def _load_pickle(path: Path) -> dict:
-    import torch
+    """torch's load of exactly the bytes the opcode scan passes here and now: the file is read once, those
+    bytes are scanned, and only those bytes are loaded, so a file swapped after planning is never loaded."""
+    import io
+    import tempfile
 
-    # Only files whose opcode scan passed reach this point; weights_only is the second lock on the door.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    import torch
+    from adapter_doctor.pickle_scan import scan
+
+    data = path.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="adapter-doctor-scan-") as private:
+        copy = Path(private) / path.name
+        copy.write_bytes(data)
+        verdict = scan(copy)
+    if not verdict.passed:
+        why = verdict.refused or verdict.error or ", ".join(verdict.unsafe)
+        raise FixWriteError(f"{path} no longer passes the opcode scan ({why}); it was not loaded")
+    # weights_only is the second lock on the door.
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FixWriteError(f"{path} is not a flat dict of tensors")
     return state

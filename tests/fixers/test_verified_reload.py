@@ -104,3 +104,23 @@ def test_vlm_paths_round_trip_through_the_old_layout(tmp_path):
     restored, _ = read_tensors(back / "adapter_model.safetensors")
     assert {n: (t.shape, t.data) for n, t in restored.items()} == {n: (t.shape, t.data) for n, t in original.items()}
     assert torch.equal(peft_logits(back, BASES / "llava")[0], peft_logits(healthy("v4/llava-lora"), BASES / "llava")[0])
+
+
+def test_a_pickle_swapped_after_planning_is_never_loaded(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+    from adapter_doctor.fixers import FixOptions, FixWriteError, apply, plan
+
+    adapter = tmp_path / "a"
+    shutil.copytree(healthy("llama-lora-bin"), adapter)
+    p = plan(adapter, FixOptions(only=frozenset({"ADC423"})))
+    assert p.weights is not None and p.weights.from_pickle
+    sentinel = tmp_path / "ran"
+    monkeypatch.setenv("SENTINEL", str(sentinel))
+    # A live pickle: os.system touches the sentinel when anything unpickles it without an allow-list.
+    payload = b'cos\nsystem\n(Vtouch "$SENTINEL"\ntR.'
+    (adapter / "adapter_model.bin").write_bytes(payload)
+    with pytest.raises(FixWriteError, match="no longer passes the opcode scan"):
+        apply(p, out=tmp_path / "out")
+    assert not sentinel.exists() and not (tmp_path / "out" / "adapter_model.safetensors").exists()
