@@ -20,6 +20,7 @@ import re
 import numpy as np
 from adapter_doctor.adapter_keys import BASE_PREFIX
 from adapter_doctor.base_model import arch_facts, family_of
+from adapter_doctor.user_regex import RANK_FORM, pathological
 
 from .tensors import RawTensor
 
@@ -107,6 +108,11 @@ class _Job:
         for key, what in _UNSUPPORTED.items():
             if config.get(key):
                 raise LayoutRefusal(f"{what}: PEFT's LoRA on fused expert parameters (ParamWrapper) has no equivalent")
+        for field in ("rank_pattern", "alpha_pattern"):  # their keys are run as regexes below: bound them first
+            patterns = config.get(field) if isinstance(config.get(field), dict) else {}
+            bad = next(((k, why) for k in patterns if (why := pathological(RANK_FORM.format(k), whole=False))), None)
+            if bad is not None:
+                raise LayoutRefusal(f"{field} key {bad[0][:60]!r}: {bad[1]}; it is not run")
         text = base_config.get("text_config") if isinstance(base_config.get("text_config"), dict) else base_config
         model_type = text.get("model_type", base_config.get("model_type"))
         self.layout = arch_facts()["moe"]["layouts"].get(family_of(model_type) or "")

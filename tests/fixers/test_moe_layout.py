@@ -337,3 +337,10 @@ def test_router_adapter_converted_to_fused_loads_like_peft_converts_it(tmp_path)
     original, _ = load_in_peft(MIXTRAL, save(tmp_path / "v4", tensors, config))
     mine, _ = load_in_peft(MIXTRAL, fused_folder(tmp_path, tensors, config))
     assert mine.equal(original)
+
+
+def test_a_pathological_rank_pattern_is_refused_not_run():
+    from adapter_doctor.fixers.moe_layout import LayoutRefusal, _Job
+
+    with pytest.raises(LayoutRefusal, match=r"rank_pattern key '\(a\*\)\*b'.*not run"):
+        _Job({"peft_type": "LORA", "rank_pattern": {"(a*)*b": 4}}, {"model_type": "qwen3_moe"})
