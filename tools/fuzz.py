@@ -106,6 +106,8 @@ def main(argv: list[str]) -> int:
     for i, seed in enumerate(seeds(target)):
         (seed_dir / f"seed-{i}").write_bytes(seed)
     named = [a for a in argv[2:] if not a.startswith("-")]
+    for folder in named:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     # libFuzzer writes new inputs to the first corpus folder: the one named, else the seeds' own
     args = [argv[0], *[a for a in argv[2:] if a.startswith("-")], *named, str(seed_dir)]
     atheris.Setup(args, lambda data: run_one(target, data))
