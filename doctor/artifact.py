@@ -58,8 +58,6 @@ class WeightsFile:
     pickle: pickle_scan.PickleScan | None = None
     lfs: LfsPointer | None = None
     problem: str | None = None  # why the file cannot be used as weights
-    problem_code: str | None = None
-    text_head: str | None = None  # the start of a text file standing where weights should be
 
     @cached_property
     def tensors(self) -> dict[str, Tensor] | None:
@@ -164,15 +162,15 @@ def read_weights(path: Path) -> WeightsFile:
         with open(path, "rb") as fh:
             head = fh.read(512)
     except OSError as exc:
-        return WeightsFile(path, 0, "unreadable", problem=f"cannot read: {exc.strerror or exc}", problem_code="unreadable")
+        return WeightsFile(path, 0, "unreadable", problem=f"cannot read: {exc.strerror or exc}")
     if size == 0:
-        return WeightsFile(path, 0, "empty", problem="the file is empty", problem_code="empty")
+        return WeightsFile(path, 0, "empty", problem="the file is empty")
     if head.startswith(_LFS_PREFIX):
-        return WeightsFile(path, size, "lfs-pointer", lfs=read_lfs_pointer(head), problem_code="lfs-pointer",
+        return WeightsFile(path, size, "lfs-pointer", lfs=read_lfs_pointer(head),
                            problem="a Git LFS pointer, not the weights (run `git lfs pull`)")
     text = _as_text(head, size)
     if text is not None and not _is_text_pickle(path):
-        return WeightsFile(path, size, "text", text_head=text, problem_code="text",
+        return WeightsFile(path, size, "text",
                            problem=f"a {size:,}-byte text file, not weights: {text!r}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, size)
@@ -201,9 +199,9 @@ def _read_safetensors(path: Path, size: int) -> WeightsFile:
     try:
         header = safetensors_header.read_header(path)
     except safetensors_header.HeaderError as exc:
-        return WeightsFile(path, size, "safetensors", problem=str(exc), problem_code=exc.code)
+        return WeightsFile(path, size, "safetensors", problem=str(exc))
     except OSError as exc:
-        return WeightsFile(path, size, "unreadable", problem=f"cannot read: {exc.strerror or exc}", problem_code="unreadable")
+        return WeightsFile(path, size, "unreadable", problem=f"cannot read: {exc.strerror or exc}")
     return WeightsFile(path, size, "safetensors", header=header)
 
 
