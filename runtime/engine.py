@@ -254,26 +254,11 @@ def _replace_child(step: _Step) -> Any:
     return undo
 
 
-def _accelerate_hooked(module: Any) -> bool:
-    return getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
-
-
 def _wrapper_cells(module: Any) -> list[tuple[Any, Any]]:
-    """(cell, contents) of the closure cells through which foreign instance wrappers call the module's forward."""
-    out = []
+    """(cell, contents) of the closure cells through which instance wrappers call the module's forward."""
     wrappers, _, _ = introspect.resolve(module)
-    for wrapper in wrappers:
-        func = getattr(wrapper, "__func__", wrapper)
-        found = []
-        for cell in getattr(func, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
-            if isinstance(value, types.MethodType) and value.__self__ is module:
-                found.append((cell, value))
-        out += found if len(found) == 1 else []  # the one resolve() followed
-    return out
+    cells = (introspect.captured_cell(w, module) for w in wrappers)
+    return [(cell, cell.cell_contents) for cell in cells if cell is not None]
 
 
 def _put_cells(cells: list[tuple[Any, Any]]) -> None:
@@ -290,7 +275,7 @@ def _swap(step: _Step, kernel: Any) -> None:
         cls = restored_class(original, step.forward)
     saved: dict[str, Any] = {}
     cells = _wrapper_cells(module)
-    if _accelerate_hooked(module):
+    if introspect.accelerate_hooked(module):
         saved["_old_forward"] = module.__dict__["_old_forward"]
         module.__dict__["_old_forward"] = types.MethodType(cls.forward, module)
     elif cells:  # a wrapper calls the forward it captured: point it at ours, keep the wrapper

@@ -16,7 +16,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .pristine import innermost, is_library, library_root, same_code, swapped_class
+from .pristine import innermost, is_library, library_root, same_code, swapped_class, unbound
 from .reads import SelfReads, self_reads
 
 MARKER = "_adapter_doctor_patch"
@@ -108,13 +108,6 @@ def _package_of_file(filename: str) -> str | None:
     return None
 
 
-def _own(func: Any) -> Any:
-    """`func` itself after bound methods and partials; not what it wraps, whose names wraps() copied."""
-    while isinstance(func, (types.MethodType, functools.partial)):
-        func = func.__func__ if isinstance(func, types.MethodType) else func.func
-    return func
-
-
 _PLUMBING = ("torch", "functools", "contextlib")  # generic decorators: the author is whoever they wrap
 
 
@@ -122,13 +115,13 @@ def author_of(func: Any) -> str:
     """Who wrote `func`, from the file its own code was compiled from: adapter-doctor, unsloth, trl, ..., or
     unknown (with the package or file). Exec'd code says which module's globals it runs in. A generic
     decorator (torch's `_disable_dynamo`, autocast) is looked through to what it wraps."""
-    inner = _own(func)
+    inner = unbound(func)
     for _ in range(8):
         author = _author_of_code(inner)
         wrapped = getattr(inner, "__wrapped__", None)
         if author not in _PLUMBING or wrapped is None:
             return author
-        inner = _own(wrapped)
+        inner = unbound(wrapped)
     return _author_of_code(inner)
 
 
@@ -152,7 +145,7 @@ def _author_of_code(inner: Any) -> str:
 
 def name_of(func: Any) -> str:
     """module.qualname of `func`'s own code (wraps() copies __module__ and __qualname__ from what it wraps)."""
-    inner = _own(func)
+    inner = unbound(func)
     code = getattr(inner, "__code__", None)
     if code is None:  # a callable object: wraps() copied the names it carries, so name its class
         return f"{type(inner).__module__}.{type(inner).__qualname__}"
@@ -173,26 +166,35 @@ def _inner(func: Any, module: Any) -> Any:
     The wrapped forward is usually held in a closure cell (a bound method of `module`), else named by
     `__wrapped__` (functools.wraps).
     """
-    cells = getattr(func, "__closure__", None) or ()
-    bound = [c.cell_contents for c in cells if _cell_is(c, lambda v: isinstance(v, types.MethodType)
-                                                        and v.__self__ is module)]
-    if len(bound) == 1:
-        return bound[0]
+    cell = captured_cell(func, module)
+    if cell is not None:
+        return cell.cell_contents
     wrapped = getattr(func, "__wrapped__", None)
     return wrapped if callable(wrapped) else None
 
 
-def _cell_is(cell: Any, test: Callable[[Any], bool]) -> bool:
-    try:
-        return test(cell.cell_contents)
-    except ValueError:  # an empty cell
-        return False
+def captured_cell(wrapper: Any, module: Any) -> Any:
+    """The one closure cell of `wrapper` that holds a bound method of `module` (the forward it calls), or None."""
+    found = []
+    for cell in getattr(unbound(wrapper), "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            found.append(cell)
+    return found[0] if len(found) == 1 else None
+
+
+def accelerate_hooked(module: Any) -> bool:
+    """accelerate's device hook: its forward calls whatever `module._old_forward` is at call time."""
+    return getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
 
 
 def resolve(module: Any) -> tuple[tuple[Any, ...], Any, Any]:
     """(wrappers outermost first, the function that computes, the object it gets as self or None)."""
     wrappers: list[Any] = []
-    hooked = getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+    hooked = accelerate_hooked(module)
     func = module.__dict__.get("_old_forward" if hooked else "forward")
     if hooked:
         wrappers.append(module.__dict__.get("forward"))  # accelerate's hook calls module._old_forward
@@ -299,4 +301,4 @@ def is_foreign(state: ForwardState) -> bool:
 
 
 __all__ = ["ForwardState", "Wrapper", "author_of", "forward_state", "has_attr", "is_foreign", "library_class", "library_root",
-           "name_of", "resolve", "scan", "walk"]
+           "name_of", "resolve", "scan", "walk", "captured_cell", "accelerate_hooked"]

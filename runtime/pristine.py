@@ -72,32 +72,27 @@ def pristine_attr(cls: type, name: str) -> Any:
     return None
 
 
-def innermost(func: Any) -> Any:
-    """Through bound methods, partials and `__wrapped__` to the function whose code runs."""
-    for _ in range(32):
-        if isinstance(func, types.MethodType):
-            func = func.__func__
-        elif isinstance(func, functools.partial):
-            func = func.func
-        elif getattr(func, "__wrapped__", None) is not None:
-            func = func.__wrapped__
-        else:
-            break
+def unbound(func: Any) -> Any:
+    """`func` itself after bound methods and partials; not what it wraps, whose names wraps() copied."""
+    while isinstance(func, (types.MethodType, functools.partial)):
+        func = func.__func__ if isinstance(func, types.MethodType) else func.func
     return func
 
 
 def _chain(func: Any) -> Iterator[Any]:
-    """`func` and each function it wraps (`__wrapped__`), after bound methods and partials."""
+    """`func` and each function it wraps (`__wrapped__`), each unbound."""
     for _ in range(32):
-        if isinstance(func, types.MethodType):
-            func = func.__func__
-        elif isinstance(func, functools.partial):
-            func = func.func
-        else:
-            yield func
-            func = getattr(func, "__wrapped__", None)
-            if func is None:
-                return
+        func = unbound(func)
+        yield func
+        func = getattr(func, "__wrapped__", None)
+        if func is None:
+            return
+
+
+def innermost(func: Any) -> Any:
+    """Through bound methods, partials and `__wrapped__` to the function whose code runs."""
+    *_, last = _chain(func)
+    return last
 
 
 def _fingerprint(func: Any) -> tuple[Any, ...] | None:

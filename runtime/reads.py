@@ -39,8 +39,9 @@ class SelfReads:
 def self_reads(func: Callable[..., Any], depth: int = 0) -> SelfReads:
     """The attributes `func` reads from its first parameter, including those of the functions it calls
     through its closure (decorators, gates): required only where that call itself happens on every path."""
-    while isinstance(func, (types.MethodType, functools.partial)):
-        func = func.__func__ if isinstance(func, types.MethodType) else func.func
+    from .pristine import unbound
+
+    func = unbound(func)
     code = getattr(func, "__code__", None)
     if code is None:
         return SelfReads(frozenset(), frozenset())

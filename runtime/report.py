@@ -49,33 +49,14 @@ class PatchReport:
     def supported(self) -> bool:
         return not self._with(UNSUPPORTED)
 
-    @property
-    def patched(self) -> list[ModuleAction]:
-        return self._with(PATCHED)
-
-    @property
-    def repaired(self) -> list[ModuleAction]:
-        return self._with(REPAIRED)
-
-    @property
-    def restored(self) -> list[ModuleAction]:
-        return self._with(RESTORED)
-
-    @property
-    def kept(self) -> list[ModuleAction]:
-        return self._with(KEPT)
-
-    @property
-    def already_patched(self) -> list[ModuleAction]:
-        return self._with(ALREADY)
-
-    @property
-    def skipped(self) -> list[ModuleAction]:
-        return self._with(SKIPPED)
-
-    @property
-    def broken(self) -> list[ModuleAction]:
-        return self._with(BROKEN)
+    # The modules that met each action, e.g. report.repaired.
+    patched = property(lambda self: self._with(PATCHED))
+    repaired = property(lambda self: self._with(REPAIRED))
+    restored = property(lambda self: self._with(RESTORED))
+    kept = property(lambda self: self._with(KEPT))
+    already_patched = property(lambda self: self._with(ALREADY))
+    skipped = property(lambda self: self._with(SKIPPED))
+    broken = property(lambda self: self._with(BROKEN))
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
