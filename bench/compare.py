@@ -7,6 +7,12 @@ HF and Liger with gradient checkpointing as their users run them at these sizes,
 plan, then prints a table with tokens/s, peak memory, MFU and ratios to HF+PEFT, and writes the JSON.
 `--longest` also finds, for 8B at batch 1, the longest sequence each variant trains (doubling until it runs
 out of memory).
+
+    python bench/compare.py --qlora [--sizes 8b] [--seq 2048] [--bs 2] [--out bench/results/qlora.json]
+
+QLoRA instead: writes the random-initialised base once as a bf16 checkpoint, then runs `bench/qlora_bench.py`
+once per variant (`qlora_bench.VARIANTS`), each loading it in nf4 in its own process; `hf` is profiled for
+what is live at its memory peak.
 """
 from __future__ import annotations
 
@@ -59,6 +65,46 @@ def longest(variant: str, gc: bool, limit: int) -> dict:
     return {"variant": variant, "gc": gc, "longest": best, "first_failure": None}
 
 
+def run_qlora(checkpoint: Path, variant: str, seq: int, bs: int, profile: bool, as_loaded: bool) -> dict:
+    cmd = [sys.executable, str(HERE / "qlora_bench.py"), "--checkpoint", str(checkpoint), "--variant", variant,
+           "--seq", str(seq), "--bs", str(bs)] + (["--profile-memory"] if profile else []) \
+        + (["--as-loaded"] if as_loaded else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "seq": seq, "bs": bs, "error": f"over {TIMEOUT_S} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
+        return {"variant": variant, "seq": seq, "bs": bs,
+                "error": "out of memory" if oom else done.stderr.strip().splitlines()[-3:]}
+    return json.loads(lines[-1])
+
+
+def qlora(size: str, seq: int, bs: int, checkpoint: Path, variants: list[str], as_loaded: bool) -> list[dict]:
+    if not (checkpoint / "config.json").exists():
+        subprocess.run([sys.executable, str(HERE / "qlora_bench.py"), "--size", size, "--write-checkpoint",
+                        str(checkpoint)], check=True, timeout=TIMEOUT_S)
+    results = []
+    for variant in variants:
+        results.append(run_qlora(checkpoint, variant, seq, bs, variant == "hf", as_loaded))
+        print(json.dumps(results[-1]), flush=True)  # each as it ends: a later one may not
+    return results
+
+
+def qlora_table(results: list[dict]) -> str:
+    rows = ["| variant | tok/s | peak GiB | MFU | vs HF+PEFT | stream dtype |", "|---|---|---|---|---|---|"]
+    base = next((r["tok_s"] for r in results if r["variant"] == "hf" and "tok_s" in r), None)
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['variant']} | {r['error']} | | | | |")
+            continue
+        ratio = f"{r['tok_s'] / base:.2f}x" if base else ""
+        rows.append(f"| {r['variant']} | {r['tok_s']:,} | {r['peak_gib']} | {r['mfu']:.1%} | {ratio} | "
+                    f"{r.get('layer_input')} |")
+    return "\n".join(rows)
+
+
 def table(results: list[dict]) -> str:
     rows = ["| size | variant | gc | tok/s | peak GiB | MFU | vs HF+PEFT |", "|---|---|---|---|---|---|---|"]
     base = {r["size"]: r["tok_s"] for r in results if r["variant"] == "hf" and "tok_s" in r}
@@ -81,7 +127,21 @@ def main() -> None:
     parser.add_argument("--longest-limit", type=int, default=131072, help="stop the doubling search here")
     parser.add_argument("--skip-speed", action="store_true", help="only the --longest search")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--qlora", action="store_true", help="the QLoRA variants instead (use --bs 2 for the issue's shape)")
+    parser.add_argument("--qlora-checkpoint", type=Path, default=Path("/tmp/qlora-base"))
+    parser.add_argument("--qlora-variants", help="comma-separated subset of qlora_bench.VARIANTS")
+    parser.add_argument("--qlora-as-loaded", action="store_true", help="leave the model in eval mode, as loaded")
     args = parser.parse_args()
+    if args.qlora:
+        sys.path.insert(0, str(HERE))
+        from qlora_bench import VARIANTS
+
+        size = args.sizes if "," not in args.sizes else "8b"
+        chosen = args.qlora_variants.split(",") if args.qlora_variants else VARIANTS
+        results = qlora(size, args.seq, args.bs, args.qlora_checkpoint / size, chosen, args.qlora_as_loaded)
+        args.out.write_text(json.dumps({"results": results}, indent=1))
+        print(qlora_table(results))
+        return
     results = [] if args.skip_speed else [run(size, variant, args.seq, args.bs, gc)
                                           for size in args.sizes.split(",") for variant, gc in variants()]
     report: dict = {"results": results}

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .user_regex import Matcher
+from .user_regex import RANK_FORM, Matcher
 
 BASE_PREFIX = "base_model.model."
 LEADING_WRAPPERS = ("_orig_mod.", "module.")
@@ -176,3 +176,33 @@ class ModuleSelector:
 def module_selected(module: str, targets: object, matcher: Matcher | None = None) -> bool | None:
     """PEFT's target_modules match for one module (build a ModuleSelector to test many)."""
     return ModuleSelector(targets, matcher)(module)
+
+
+def entry_names(entry: str, module: str) -> bool:
+    """PEFT's rule for one target_modules (or target_parameters) list entry: the name itself or a `.`-suffix."""
+    return has_dot_suffix(module, frozenset((entry,)), len(entry))
+
+
+def pattern_value(patterns: object, module: str, default: object, matcher: Matcher | None = None) -> object | None:
+    """What a rank_pattern or alpha_pattern gives `module`, as PEFT's get_pattern_key decides: the value of the
+    first key `k` for which `re.match(rf"(.*\\.)?({k})$", module)` holds, else `default`. None when a key before
+    the answer cannot be run within `matcher`'s budget. A key that does not compile (PEFT would raise) is read
+    as a plain name."""
+    matcher = matcher or Matcher()
+    for key, value in (patterns.items() if isinstance(patterns, dict) else ()):
+        if not isinstance(key, str):
+            continue
+        try:
+            hit = matcher.match(RANK_FORM.format(key), module)
+        except re.error:
+            hit = entry_names(key, module)
+        if hit is None:
+            return None
+        if hit:
+            return value
+    return default
+
+
+def pattern_matches(key: str, modules: set[str], matcher: Matcher | None = None) -> bool:
+    """Whether a rank_pattern or alpha_pattern key names any of `modules` (one it cannot run names none)."""
+    return any(pattern_value({key: True}, m, False, matcher) for m in modules)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Mapping, Protocol
 
 from . import pickle_scan, safetensors_header
 from .adapter_keys import AdapterKey, parse_key
@@ -38,8 +39,21 @@ class ConfigProblem:
     column: int | None = None
 
 
+class Tensor(Protocol):
+    """What the checks read of a tensor: a safetensors header entry or a pickled tensor's record."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str | None: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def numel(self) -> int: ...
+
+
 @dataclass(frozen=True)
-class Tensor:
+class PickledEntry:
     name: str
     dtype: str | None
     shape: tuple[int, ...]
@@ -60,11 +74,11 @@ class WeightsFile:
     problem: str | None = None  # why the file cannot be used as weights
 
     @cached_property
-    def tensors(self) -> dict[str, Tensor] | None:
+    def tensors(self) -> Mapping[str, Tensor] | None:
         if self.header is not None:
             return self.header.tensors  # TensorInfo has Tensor's fields; a copy would double a large index
         if self.pickle is not None and self.pickle.tensors is not None and self.pickle.passed:
-            return {n: Tensor(n, t.dtype, t.shape) for n, t in self.pickle.tensors.items()}
+            return {n: PickledEntry(n, t.dtype, t.shape) for n, t in self.pickle.tensors.items()}
         return None
 
 
@@ -86,7 +100,7 @@ class Artifact:
         return self.weights[0] if self.weights else None
 
     @property
-    def tensors(self) -> dict[str, Tensor] | None:
+    def tensors(self) -> Mapping[str, Tensor] | None:
         primary = self.primary_weights
         return None if primary is None else primary.tensors
 

@@ -3,7 +3,10 @@
 The module tree comes from the base's safetensors headers when it has weights, otherwise from its
 config.json through the templates in `knowledge/architectures.json`. Either way it is mapped to
 the layout the *target* transformers version builds at runtime (VLM `language_model` paths since
-4.52, fused MoE experts since 5.0), because that is what PEFT matches adapter keys against.
+4.52, fused MoE experts since 5.0, the per-architecture renames of `knowledge/transformers_renames.json`),
+because that is what PEFT matches adapter keys against. Where the target transformers is unknown (not
+installed, no flag), the newest known layout is built, so a verdict does not depend on whether
+transformers happens to be installed.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from . import pickle_scan, safetensors_header
+from . import pickle_scan, safetensors_header, transformers_renames
+from .knowledge import parse_version
 
 _KNOWLEDGE = Path(__file__).parent / "knowledge" / "architectures.json"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -31,6 +35,18 @@ _MAX_CONFIG_MODULES = 1 << 20  # layers x experts x projections that a config ma
 def arch_facts() -> dict:
     with open(_KNOWLEDGE, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def expert_regex(per_expert: str, index: str = r"\d+") -> str:
+    """A regex for an MoE layout's per-expert module path (`block_sparse_moe.experts.{e}.`), `index` for `{e}`."""
+    return re.escape(per_expert).replace(r"\{e\}", index)
+
+
+def expert_dims(config: dict) -> tuple[int, int, int] | None:
+    """(experts, hidden, moe_intermediate) of an MoE base's config (or its text_config), None when one is missing."""
+    base = BaseModel(Path("."), config, {}, "config")
+    experts, hidden, inter = (base.dim(k) for k in ("experts", "hidden", "moe_intermediate"))
+    return (experts, hidden, inter) if experts and hidden and inter else None
 
 
 def family_of(model_type: str | None) -> str | None:
@@ -54,6 +70,7 @@ class BaseModel:
     config: dict
     modules: dict[str, Module]
     source: str  # "weights" or "config"
+    layout: str | None = None  # the transformers release whose layout `modules` is in
 
     @property
     def model_type(self) -> str | None:
@@ -111,22 +128,38 @@ def load_base(path: Path, transformers_version: str | None) -> BaseModel:
         raise BaseError(f"{path}: no config.json") from None
     except (OSError, ValueError) as exc:
         raise BaseError(f"{config_path}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise BaseError(f"{config_path}: not a JSON object")
     params = _weight_shapes(path)
-    tf = Version(transformers_version) if transformers_version else None
+    tf = layout_release(transformers_version)
     if params:
         modules = _modules_from_params(_to_runtime_names(params, config, tf), config)
-        return BaseModel(path, config, modules, "weights")
-    return BaseModel(path, config, _modules_from_config(config, tf), "config")
+        return BaseModel(path, config, modules, "weights", str(tf))
+    return BaseModel(path, config, _modules_from_config(config, tf), "config", str(tf))
+
+
+def layout_release(transformers_version: str | None) -> Version:
+    """The transformers release whose module layout is built: the target, else the newest known."""
+    parsed = parse_version(transformers_version) if transformers_version else None
+    return parsed or Version(transformers_renames.newest_release())
+
+
+def layout_is_special(config: dict) -> bool:
+    """VLM and MoE layouts are mapped by their own facts (architectures.json), not by the rename table."""
+    family = family_of(config.get("model_type")) or family_of(_text_type(config))
+    return _is_vlm(config) or family in arch_facts()["moe"]["layouts"]
 
 
 def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     files = [path / n for n in _WEIGHT_FILES if is_file(path / n)]
     for index in _INDEX_FILES:
         try:
-            weight_map = _read_json(path / index).get("weight_map", {})
-            files += sorted({path / f for f in weight_map.values() if isinstance(f, str)})
-        except (OSError, ValueError, AttributeError, BaseError):
+            listing = _read_json(path / index)
+        except (OSError, ValueError, BaseError):
             continue
+        weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+        if isinstance(weight_map, dict):
+            files += sorted({path / f for f in weight_map.values() if isinstance(f, str)})
     if len(files) > _MAX_SHARDS:
         raise BaseError(f"{path}: its index names {len(files):,} weight files")
     shapes: dict[str, tuple[int, ...]] = {}
@@ -170,6 +203,10 @@ def _to_runtime_names(params: dict[str, tuple[int, ...]], config: dict, tf: Vers
     layout = arch_facts()["moe"]["layouts"].get(family or "")
     if layout and tf is not None and tf >= Version(arch_facts()["moe"]["fused_since"]):
         out = _fuse_experts(out, layout)
+    if tf is not None and not layout_is_special(config):
+        scopes = transformers_renames.transforms_for(config, tf)
+        if transformers_renames.renames_modules(scopes) and transformers_renames.followed(scopes):
+            out = {transformers_renames.rename_key(k, scopes).new: v for k, v in out.items()}
     return out
 
 
@@ -180,7 +217,7 @@ def _text_type(config: dict) -> str | None:
 
 def _fuse_experts(params: dict[str, tuple[int, ...]], layout: dict) -> dict[str, tuple[int, ...]]:
     """Per-expert checkpoint weights as transformers 5 builds them: two 3-D parameters per layer."""
-    per = re.escape(layout["per_expert"]).replace(r"\{e\}", r"(\d+)")
+    per = expert_regex(layout["per_expert"], r"(\d+)")
     pattern = re.compile(rf"^(.*?){per}({'|'.join(map(re.escape, [*layout['gate_up'], layout['down']]))})\.weight$")
     out: dict[str, tuple[int, ...]] = {}
     experts: dict[tuple[str, str], list[tuple[int, ...]]] = {}
@@ -214,7 +251,7 @@ def _modules_from_params(params: dict[str, tuple[int, ...]], config: dict) -> di
             modules[owner] = _module_for(owner, shape, conv1d)
     if config.get("tie_word_embeddings", True) and "lm_head" not in modules:
         embed = next((m for n, m in modules.items() if m.kind == "embedding" and n.endswith(("embed_tokens", "wte"))), None)
-        if embed is not None and any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        if embed is not None and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or []):
             modules["lm_head"] = Module("linear", embed.out_features, embed.in_features)
     return modules
 
@@ -229,7 +266,8 @@ def _module_for(path: str, shape: tuple[int, ...], conv1d: set[str]) -> Module:
 
 
 def _modules_from_config(config: dict, tf: Version | None) -> dict[str, Module]:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text_config = config.get("text_config")
+    text: dict = text_config if isinstance(text_config, dict) else config
     family = family_of(text.get("model_type", config.get("model_type")))
     template = arch_facts()["templates"].get("gpt2" if family == "gpt2" else "llama") if family else None
     if template is None:
@@ -250,24 +288,26 @@ def _modules_from_config(config: dict, tf: Version | None) -> dict[str, Module]:
         for i in range(layers) if "{i}" in path else [None]:
             params[path.format(i=i) + ".weight"] = shape
     if family in ("moe_mlp_experts", "mixtral"):
-        params.update(_expert_params(family, dims, layers))
+        params.update(_expert_params(family, config, layers))
     if _is_vlm(config):  # the pre-4.52 on-disk layout; _to_runtime_names moves it where tf builds it
         params = {"language_model." + k: v for k, v in params.items()}
     return _modules_from_params(_to_runtime_names(params, config, tf), {**text, "tie_word_embeddings": False})
 
 
-def _expert_params(family: str, dims: dict, layers: int) -> dict[str, tuple[int, ...]]:
+def _expert_params(family: str, config: dict, layers: int) -> dict[str, tuple[int, ...]]:
     layout = arch_facts()["moe"]["layouts"][family]
-    hidden, inter, experts = dims.get("hidden"), dims.get("moe_intermediate"), dims.get("experts")
-    if not (hidden and inter and experts):
+    sizes = expert_dims(config)
+    if sizes is None:
         return {}
-    out = {}
+    experts, hidden, inter = sizes
+    out: dict[str, tuple[int, ...]] = {}
     for i in range(layers):
         for e in range(experts):
             prefix = f"model.layers.{i}." + layout["per_expert"].format(e=e)
             for proj in layout["gate_up"]:
                 out[prefix + proj + ".weight"] = (inter, hidden)
             out[prefix + layout["down"] + ".weight"] = (hidden, inter)
+        out[f"model.layers.{i}.{layout['router'][0]}.weight"] = (experts, hidden)  # the router: nn.Linear(hidden, E)
     return out
 
 

@@ -243,7 +243,7 @@ def _fix_one(path: Path, options, console, fmt: str, inplace: bool, out: Path | 
 
 def _say(console, fmt: str, message: str, style: str) -> None:
     if fmt == "rich":
-        console.print(message, style=style)
+        console.print(message, style=style, markup=False)  # paths and errors may hold brackets
     else:
         click.echo(message, err=True)
 
@@ -294,12 +294,20 @@ def explain(check_id: str) -> None:
     click.echo(f"{found.id}  {found.title}\ncategory: {found.category}   default severity: {found.severity.value}\n")
     click.echo(found.explain)
     if found.fixer:
-        click.echo(f"\nfix: doctor fix PATH --only {found.id}   (fixer: {found.fixer})")
+        extra = (found.manual or "").removeprefix(f"doctor fix --only {found.id}") if found.manual else ""
+        click.echo(f"\nfix: doctor fix PATH --only {found.id}{extra}   (fixer: {found.fixer})")
     elif found.manual:
         click.echo(f"\nfix: {found.manual}")
 
 
-@main.command()
+ENV_CODES = """\b
+Exit codes:
+  0  no problem found
+  1  a known-bad combination of installed versions, or a local file or folder that shadows a library
+  2  usage error"""
+
+
+@main.command(epilog=ENV_CODES)
 @click.option("--format", "fmt", type=click.Choice(["rich", "json"]), default="rich", show_default=True)
 def env(fmt: str) -> None:
     """Print installed versions, known-bad combinations and shadowed libraries, for bug reports."""

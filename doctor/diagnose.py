@@ -7,9 +7,10 @@ from typing import Iterable, Iterator, Sequence
 
 from .artifact import WEIGHT_NAMES, read_artifact
 from .base_model import resolve_base
-from .checks import Context, run_checks
+from .check_context import Context
+from .checks import run_checks
 from .env import Env
-from .finding import Report, TargetReport, filter_findings
+from .finding import Finding, Report, TargetReport, filter_findings
 from .gc_paused import gc_paused
 from .targets import Target, TargetError, discover
 
@@ -61,19 +62,29 @@ def check_target(target: Target, options: Options, env: Env) -> TargetReport:
 
 
 def _check_target(target: Target, options: Options, env: Env) -> TargetReport:
-    art = read_artifact(target.root, target.config_path, target.name)
+    ctx = examine(target, options, env)
+    art = ctx.artifact
     label = str(target.config_path if art.kind == "config-only" else target.root)
     unreadable = [f"{w.path}: {w.problem}" for w in art.weights if w.format == "unreadable"]
     if art.config_problem is not None and art.config_problem.kind == "unreadable":
         unreadable.insert(0, f"{art.config_path}: {art.config_problem.message}")
     if unreadable:  # a permissions or I/O problem is not a finding about the adapter
         return TargetReport(label, art.kind, error="; ".join(unreadable))
+    return TargetReport(label, art.kind, filter_findings(findings_of(ctx), options.select, options.ignore))
+
+
+def examine(target: Target, options: Options, env: Env) -> Context:
+    """The adapter at `target` read, with its base resolved: what the checks (and the fixers) judge."""
+    art = read_artifact(target.root, target.config_path, target.name)
     config = art.config or {}
     resolution = resolve_base(config.get("base_model_name_or_path"), config.get("revision"), options.base,
                               target.root, env.transformers)
-    ctx = Context(art, env, resolution, options.scan_values)
-    findings = filter_findings(run_checks(ctx), options.select, options.ignore)
-    return TargetReport(label, art.kind, findings)
+    return Context(art, env, resolution, options.scan_values)
+
+
+def findings_of(ctx: Context) -> Iterator[Finding]:
+    """Every registered check's findings on an examined adapter, unfiltered."""
+    return run_checks(ctx)
 
 
 def iter_reports(planned: list[tuple[str, Target | TargetError]], options: Options, env: Env) -> Iterator[TargetReport]:

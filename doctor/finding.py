@@ -4,7 +4,7 @@ from __future__ import annotations
 import reprlib
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Sequence
+from typing import AbstractSet, Iterable, Sequence
 
 CATEGORIES = (
     "config-invalid",
@@ -110,10 +110,10 @@ class Report:
         return 1 if any(f.severity.rank >= threshold.rank for f in self.findings) else 0
 
 
-def filter_findings(findings: Iterable[Finding], select: set[str], ignore: set[str]) -> list[Finding]:
+def filter_findings(findings: Iterable[Finding], select: AbstractSet[str], ignore: AbstractSet[str]) -> list[Finding]:
     """Keep findings whose id or category is selected (all when `select` is empty) and not ignored."""
 
-    def matches(f: Finding, names: set[str]) -> bool:
+    def matches(f: Finding, names: AbstractSet[str]) -> bool:
         return f.id in names or f.category in names
 
     return [f for f in findings if (not select or matches(f, select)) and not matches(f, ignore)]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-# dtype -> (element width, numpy view, magnitude mask, exponent mask)
-FLOATS = {
-    "BF16": (2, "<u2", 0x7FFF, 0x7F80),
-    "F16": (2, "<u2", 0x7FFF, 0x7C00),
-    "F32": (4, "<u4", 0x7FFFFFFF, 0x7F800000),
-    "F64": (8, "<u8", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+from .safetensors_header import element_bytes, unsigned_view
+
+_MASKS = {  # dtype -> (magnitude mask, exponent mask)
+    "BF16": (0x7FFF, 0x7F80),
+    "F16": (0x7FFF, 0x7C00),
+    "F32": (0x7FFFFFFF, 0x7F800000),
+    "F64": (0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
+# dtype -> (element width, numpy view of its bits, magnitude mask, exponent mask)
+FLOATS = {d: (element_bytes(d) or 0, unsigned_view(d) or "", *masks) for d, masks in _MASKS.items()}
 
 
 def classify_numpy(buf: memoryview, dtype: str | None) -> tuple[bool, bool]:

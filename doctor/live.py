@@ -6,18 +6,20 @@ import warnings
 from collections import Counter, defaultdict
 from typing import Any, Iterator
 
-from .checks.patch import BROKEN, DTYPE, FALLBACK, FOREIGN, FROZEN, MIXED, OURS, REENTRANT, UNSUPPORTED
+from .checks.patch import BROKEN, DTYPE, FALLBACK, FOREIGN, FROZEN, MIXED, OURS, PACKED, REENTRANT, UNSUPPORTED
 from .finding import Finding, Report, Severity, TargetReport
 
 
-def inspect_model(model: Any) -> Report:
-    """Report, before anything runs, modules whose forward will fail or is not their library's own."""
+def inspect_model(model: Any, batch: dict[str, Any] | None = None) -> Report:
+    """Report, before anything runs, modules whose forward will fail or is not their library's own; with
+    `batch` (the keyword arguments of a forward), also whether its packed documents would be kept apart."""
     from adapter_doctor.runtime import introspect, specs
 
     label = type(model).__name__
     states = introspect.scan(model)
     findings = _forward_findings(states) + _mixed(model, states, introspect)
     findings += _training_findings(model)
+    findings += _batch_findings(model, batch) if batch is not None else []
     model_type = _model_type(model)
     if model_type and not specs.supported(model_type):
         findings.append(UNSUPPORTED.finding(f"model_type {model_type!r}: ensure_patched leaves it as it is", label))
@@ -81,6 +83,21 @@ def _training_findings(model: Any) -> list[Finding]:
                                  severity=Severity.WARNING if risky else Severity.INFO))
     if _reentrant_checkpointing(model) and any(getattr(m, "_adapter_doctor_patch", None) for m in model.modules()):
         out.append(REENTRANT.finding("gradient checkpointing uses use_reentrant=True on patched layers", label))
+    return out
+
+
+def _batch_findings(model: Any, batch: dict[str, Any]) -> list[Finding]:
+    from adapter_doctor.runtime import packing
+
+    found = packing.problems(model, batch)
+    attention = [p for p in found if p.cls != "labels"]
+    out = []
+    if attention:
+        first = attention[0]
+        more = f" (and {len(attention) - 1} more)" if len(attention) > 1 else ""
+        out.append(PACKED.finding(f"{first.cls} at {first.path}{more}: {first.why}; fix: {first.fix}", first.path))
+    out += [PACKED.finding(f"{p.why}; fix: {p.fix}", "labels", severity=Severity.WARNING,
+                           title="Packed labels cross document boundaries") for p in found if p.cls == "labels"]
     return out
 
 

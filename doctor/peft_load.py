@@ -61,7 +61,7 @@ def classify_unknown(config: dict, peft_type: str, release: Release, table: Peft
         if first is None:
             out.append(UnknownKey(key, "foreign", False, None))
             continue
-        kind, ref = ("future", first) if first.parsed > release.parsed else ("legacy", last)
+        kind, ref = ("future", first) if first.parsed > release.parsed else ("legacy", last or first)
         spec = table.fields(peft_type, ref).get(key)
         # A version stamp changes nothing when dropped, whatever its value.
         harmless = key in config_fields()["metadata"] or spec is not None and same_value(value, spec.default)
@@ -130,3 +130,30 @@ def _untyped(config: dict, release: Release, table: PeftTable) -> LoadPrediction
     if release.unknown_keys == "raise":
         return LoadPrediction("loads")
     return LoadPrediction("raises", "TypeError: the config is missing required keys: {'peft_type'}")
+
+
+def safetensors_strands(config: dict, peft_type: str | None, target: Release, table: PeftTable | None = None) -> str | None:
+    """Why converting the adapter's weights to adapter_model.safetensors would leave it unloadable, or None.
+
+    Releases before the first that reads safetensors look for adapter_model.bin only. A legacy key with a
+    non-default value (the enable_lora layout of PEFT 0.2) binds the adapter to the releases that declare it;
+    when all of those predate safetensors, no release could load the converted adapter."""
+    table = table or peft_table()
+    first = table.first_reading_safetensors()
+    if first is None:
+        return "no known PEFT release reads adapter_model.safetensors"
+    if not target.reads_safetensors:
+        return f"PEFT {target.version} reads only adapter_model.bin (adapter_model.safetensors from PEFT {first.version})"
+    if peft_type is None:
+        return None
+    free = set(config_fields()["init_only"]) | set(config_fields()["metadata"])
+    bound = [(u.release, u.key) for u in classify_unknown(config, peft_type, table.newest, table)
+             if u.kind == "legacy" and not u.at_default and u.key not in free and u.release is not None]
+    if not bound:
+        return None
+    last, key = min(bound, key=lambda b: b[0].parsed)
+    if last.parsed >= first.parsed:
+        return None
+    return (f"{key}={config[key]!r} is read only by PEFT <= {last.version}, which loads only "
+            f"adapter_model.bin (adapter_model.safetensors from PEFT {first.version}); converted, no release "
+            "would load this adapter")

@@ -18,9 +18,10 @@ import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from .gc_paused import gc_paused
+from .safetensors_header import element_bytes
 
 if TYPE_CHECKING:
     import zipfile
@@ -125,6 +126,7 @@ class PickleScan:
     other_entries: list[str] = field(default_factory=list)  # non-tensor values in the state dict
     error: str | None = None
     archive_prefix: str | None = None  # zip: where `data/<key>` lives
+    byteorder: str = "little"  # zip: the `byteorder` record (torch reads an archive without one as little-endian)
     storage_offsets: dict[str, int] = field(default_factory=dict)  # legacy: file offset of each storage
     refused: str | None = None  # why torch could load code or bytes other than those scanned
     unverified: bool = False  # the walk stopped at one of its bounds (refused, and also beyond what is read)
@@ -175,7 +177,7 @@ class _Machine:
         self.memo: dict[int, object] = {}
         self.handlers = self._handlers()
 
-    def run(self, stream: io.BufferedIOBase) -> object:
+    def run(self, stream: io.BytesIO) -> object:
         import pickletools  # imported here: checking safetensors-only adapters should not pay for it
 
         handlers = self.handlers
@@ -190,10 +192,10 @@ class _Machine:
             handler(arg)
         raise ValueError("pickle ended without STOP")
 
-    def _handlers(self) -> dict[str, Callable[[object], None]]:
+    def _handlers(self) -> dict[str, Callable[[object], object]]:
         # One entry per opcode: a dict lookup per op instead of a chain of comparisons.
         s, push = self.stack, self.stack.append
-        out: dict[str, Callable[[object], None]] = {
+        out: dict[str, Callable[[object], object]] = {
             "PROTO": _ignore, "FRAME": _ignore,
             "MARK": lambda _: push(_MARK),
             "EMPTY_DICT": lambda _: push({}),
@@ -281,10 +283,10 @@ class _Machine:
             _setitem(target, key, value)
 
     def put(self, arg: object) -> None:
-        self.memo[int(arg)] = self.stack[-1]
+        self.memo[cast(int, arg)] = self.stack[-1]  # pickletools decodes memo indices as ints
 
     def get(self, arg: object) -> None:
-        self.stack.append(self.memo[int(arg)])
+        self.stack.append(self.memo[cast(int, arg)])
 
     def stack_global(self, _: object) -> None:
         attr, module = self.stack.pop(), self.stack.pop()
@@ -439,8 +441,22 @@ def _scan_archive(result: PickleScan, zf: zipfile.ZipFile, fh: io.BufferedIOBase
         result.error = f"member {unreadable.filename}: {_member_problem(unreadable)}"
         return
     _walk_member(result, records[b"data.pkl"], fh, collect=True)
+    if result.error is None and b"byteorder" in records:
+        result.error = _byteorder(result, records[b"byteorder"], fh)
     if result.error is None and result.tensors and result.passed:
         result.error = _views_problem(result.tensors) or _zip_storage_problem(result, zf)
+
+
+def _byteorder(result: PickleScan, info: zipfile.ZipInfo, fh: io.BufferedIOBase) -> str | None:
+    # torch.load byte-swaps every storage of a "big" archive and raises on any other value than these two.
+    try:
+        value = _read_member(info, fh, limit=16)
+    except zip_errors() as exc:
+        return f"member {info.filename}: {exc}"
+    if value not in (b"little", b"big"):
+        return f"the byteorder record says {describe(value.decode('latin-1'))!r} (torch reads only little or big)"
+    result.byteorder = value.decode()
+    return None
 
 
 def _raw_name(info: zipfile.ZipInfo) -> bytes:
@@ -483,12 +499,12 @@ def _local_name(info: zipfile.ZipInfo, fh: io.BufferedIOBase) -> bytes | None:
     return fh.read(n)
 
 
-def _read_member(info: zipfile.ZipInfo, fh: io.BufferedIOBase) -> bytes:
+def _read_member(info: zipfile.ZipInfo, fh: io.BufferedIOBase, limit: int = _MAX_PICKLE) -> bytes:
     """A member's bytes read as miniz reads them: at the central directory's offset and sizes, CRC checked."""
     import zipfile
     import zlib
 
-    if info.file_size > _MAX_PICKLE or info.compress_size > _MAX_PICKLE + (1 << 20):
+    if info.file_size > limit or info.compress_size > limit + (1 << 20):
         raise BoundReached(f"{info.filename} unpacks to {info.file_size:,} bytes (a state dict's pickle is small)")
     fh.seek(info.header_offset)
     head = fh.read(30)
@@ -575,7 +591,7 @@ def _views_problem(tensors: dict[str, PickledTensor]) -> str | None:
 
 def view_problem(t: PickledTensor) -> str | None:
     numel = t.storage.numel
-    width = element_size(t.storage.dtype or "")
+    width = element_bytes(t.storage.dtype or "")
     if width is None or numel is None or not 0 <= numel < 1 << 60:
         return "has a storage of unknown type or size"
     if len(t.shape) != len(t.stride) or len(t.shape) > 64:
@@ -590,15 +606,24 @@ def view_problem(t: PickledTensor) -> str | None:
     return None
 
 
+def read_storage(result: PickleScan, zf: zipfile.ZipFile, fh: io.BufferedIOBase, key: str) -> bytes:
+    """The bytes of storage `key` of a scanned zip archive, read where torch's reader reads them (CRC checked).
+
+    Raises what `zip_errors()` lists. The scan has checked that the member exists with the size its
+    element count needs, so the bytes returned are exactly the storage torch would rebuild."""
+    info = zf.getinfo(f"{result.archive_prefix}data/{key}")
+    return _read_member(info, fh, limit=info.file_size)
+
+
 def _zip_storage_problem(result: PickleScan, zf: zipfile.ZipFile) -> str | None:
-    storages = {t.storage.key: t.storage for t in result.tensors.values()}
+    storages = {t.storage.key: t.storage for t in (result.tensors or {}).values()}
     for key, storage in storages.items():
         member = f"{result.archive_prefix}data/{key}"
         try:
             info = zf.getinfo(member)
         except KeyError:
             return f"storage {describe(key)!r} is missing from the archive (no {describe(member)})"
-        want = storage.numel * element_size(storage.dtype)
+        want = (storage.numel or 0) * (element_bytes(storage.dtype or "") or 0)  # both known: the views were checked
         if info.file_size != want:
             return f"storage {describe(key)!r} holds {info.file_size:,} bytes; its {storage.numel:,} elements need {want:,}"
     return None
@@ -649,7 +674,7 @@ def _scan_stream(path: Path) -> PickleScan:
         if result.error is None and _is_legacy_torch(objects):
             result.format = "legacy"
             _collect_tensors(result, objects[3])
-            _legacy_storage_layout(result, fh, objects[4], head.tell(), size)
+            _legacy_storage_layout(result, fh, cast(list, objects[4]), head.tell(), size)
         elif result.error is None and head.tell() < size and len(objects) < 5:
             result.error = "bytes after the last pickle"
         elif result.error is None:
@@ -710,11 +735,11 @@ def _legacy_storage_layout(result: PickleScan, fh: io.BufferedIOBase, keys: list
             result.error = "file ends before all storages are stored (truncated)"
             return
         (numel,) = struct.unpack("<q", header)
-        storage = storages.get(key) if type(key) is str else None
-        if storage is None or numel < 0 or numel != storage.numel:
+        storage = storages.get(key) if isinstance(key, str) else None
+        if not isinstance(key, str) or storage is None or numel < 0 or numel != storage.numel:
             result.error = f"cannot size storage {describe(key)!r} ({numel:,} elements stored)"
             return
-        at, nbytes = fh.tell(), numel * element_size(storage.dtype)
+        at, nbytes = fh.tell(), numel * (element_bytes(storage.dtype or "") or 0)
         if nbytes > size - at:
             result.error = f"file ends inside storage {describe(key)!r} (truncated)"
             return
@@ -725,8 +750,3 @@ def _legacy_storage_layout(result: PickleScan, fh: io.BufferedIOBase, keys: list
         result.error = f"storage {describe(missing)!r} is not in the file"
     elif fh.tell() != size:
         result.error = "file size does not match its storages (truncated or trailing bytes)"
-
-
-def element_size(dtype: str) -> int | None:
-    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1, "C64": 8}.get(dtype)

@@ -43,6 +43,19 @@ DTYPE_BITS: dict[str, int] = {
 _DTYPE_NAMES = {name: name for name in DTYPE_BITS}  # one shared string per dtype, whatever the header repeats
 
 
+def element_bytes(dtype: str) -> int | None:
+    """Bytes per element of a whole-byte dtype; None for a sub-byte or unknown one."""
+    bits = DTYPE_BITS.get(dtype)
+    return bits // 8 if bits is not None and bits % 8 == 0 else None
+
+
+def unsigned_view(dtype: str) -> str | None:
+    """The little-endian unsigned numpy dtype as wide as one element of `dtype` (e.g. "<u2" for BF16), to move
+    or compare elements as bit patterns, never converted; None for a sub-byte or unknown dtype."""
+    width = element_bytes(dtype)
+    return None if width is None else f"<u{width}"
+
+
 class HeaderError(Exception):
     """The file is not a valid safetensors file. `code` is stable; the message names the problem."""
 
@@ -132,6 +145,7 @@ def _object(pairs: list[tuple[str, object]]) -> object:
     # A tensor entry becomes a tuple at once (json never makes tuples, so nothing else looks like one).
     if len(pairs) == 3:
         (k0, v0), (k1, v1), (k2, v2) = pairs
+        entry: tuple[object, ...]
         if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":  # the order safetensors writes
             entry = (v0, v1, v2)
         elif {k0, k1, k2} == _ENTRY_KEYS:
@@ -206,7 +220,7 @@ def _metadata(meta: object) -> dict[str, str] | None:
         return None
     if not isinstance(meta, _Object) or not all(isinstance(v, str) for _, v in meta.pairs):
         raise HeaderError("bad-metadata", "__metadata__ must map strings to strings")
-    out = dict(meta.pairs)
+    out = {k: str(v) for k, v in meta.pairs}
     if len(out) != len(meta.pairs):
         raise HeaderError("bad-metadata", "__metadata__ names a key twice")
     return out

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
+from io import BufferedIOBase, RawIOBase
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .artifact import WeightsFile
 from .float_bits import classify_bytes, classify_many, classify_numpy
-from .pickle_scan import PickledTensor, element_size, zip_errors
+from .pickle_scan import PickledTensor, zip_errors
+from .safetensors_header import element_bytes
 
 if TYPE_CHECKING:
     import hashlib
@@ -74,7 +76,7 @@ def _safetensors_regions(wf: WeightsFile) -> Chunks:
                 pos += take
 
 
-def _direct_reader(fh: BinaryIO, base: int, budget: _Budget) -> Reader:
+def _direct_reader(fh: RawIOBase | BufferedIOBase, base: int, budget: _Budget) -> Reader:
     def read(start: int, stop: int) -> Iterator[memoryview]:
         budget.spend(stop - start)
         fh.seek(base + start)
@@ -103,9 +105,10 @@ def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) 
     return read
 
 
-def _zip_readers(wf: WeightsFile, zf: zipfile.ZipFile, fh: BinaryIO, budget: _Budget) -> Callable[[str], Reader]:
+def _zip_readers(wf: WeightsFile, zf: zipfile.ZipFile, fh: RawIOBase | BufferedIOBase, budget: _Budget) -> Callable[[str], Reader]:
     import zipfile
 
+    assert wf.pickle is not None  # only a scanned zip pickle is read this way
     prefix = wf.pickle.archive_prefix
 
     def reader(key: str) -> Reader:
@@ -117,7 +120,7 @@ def _zip_readers(wf: WeightsFile, zf: zipfile.ZipFile, fh: BinaryIO, budget: _Bu
     return reader
 
 
-def _local_header(fh: BinaryIO, offset: int) -> tuple[int, int]:
+def _local_header(fh: RawIOBase | BufferedIOBase, offset: int) -> tuple[int, int]:
     fh.seek(offset)
     head = fh.read(30)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -132,7 +135,7 @@ def _collapse(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[list[int
 
 
 def _view_chunks(name: str, t: PickledTensor, read: Reader) -> Chunks:
-    width = element_size(t.dtype or "") or 1
+    width = element_bytes(t.dtype or "") or 1
     if t.numel == 0:
         return
     shape, stride = _collapse(t.shape, t.stride)
@@ -156,7 +159,7 @@ def _gather(span: bytes, shape: list[int], stride: list[int], width: int) -> Ite
                                            strides=(*(s * width for s in stride), 1), writeable=False)
     rows = max(1, CHUNK // (width * math.prod(shape[1:])))
     for i in range(0, shape[0], rows):
-        yield memoryview(np.ascontiguousarray(view[i:i + rows]).reshape(-1))
+        yield np.ascontiguousarray(view[i:i + rows]).reshape(-1).data
 
 
 def _pickle_regions(wf: WeightsFile) -> Chunks:
@@ -196,6 +199,7 @@ def _scan_safetensors(wf: WeightsFile) -> dict[str, TensorStats]:
     # Runs of small tensors of one dtype are classified with one numpy call per run, not one per tensor:
     # a per-expert MoE adapter has hundreds of thousands of them. One buffer is reused for every read.
     stats: dict[str, TensorStats] = {}
+    assert wf.header is not None
     tensors = [t for t in wf.header.tensors.values() if t.end > t.begin]
     buf = memoryview(bytearray(min(CHUNK, tensors[-1].end - tensors[0].begin if tensors else 0)))
     with open(wf.path, "rb", buffering=0) as fh:
@@ -217,7 +221,7 @@ def _scan_safetensors(wf: WeightsFile) -> dict[str, TensorStats]:
     return stats
 
 
-def _read_exactly(fh: BinaryIO, offset: int, into: memoryview, name: str) -> memoryview:
+def _read_exactly(fh: RawIOBase | BufferedIOBase, offset: int, into: memoryview, name: str) -> memoryview:
     fh.seek(offset)
     done = 0
     while done < len(into):
@@ -228,7 +232,7 @@ def _read_exactly(fh: BinaryIO, offset: int, into: memoryview, name: str) -> mem
     return into
 
 
-def _scan_chunks(fh: BinaryIO, t, buf: memoryview, stats: dict[str, TensorStats]) -> None:
+def _scan_chunks(fh: RawIOBase | BufferedIOBase, t, buf: memoryview, stats: dict[str, TensorStats]) -> None:
     entry = stats[t.name] = TensorStats()
     for start in range(t.begin, t.end, CHUNK):
         zero, nonfinite = classify_numpy(_read_exactly(fh, start, buf[:min(CHUNK, t.end - start)], t.name), t.dtype)

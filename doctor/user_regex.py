@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import re
 from functools import lru_cache
+from typing import Any
 
 try:  # the parser behind re.compile, as re itself uses it
-    from re import _constants as _c
-    from re import _parser as _sre
+    from re import _constants as _c  # type: ignore[attr-defined]
+    from re import _parser as _sre  # type: ignore[attr-defined]
 except ImportError:  # Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _sre  # type: ignore[no-redef]
+    import sre_constants as _c
+    import sre_parse as _sre
 
 PER_MATCH = 1 << 24  # ways to match; at worst some tens of millions of steps of C
 PER_ADAPTER = 1 << 27  # for all the matches one adapter's checks make (about a second)
@@ -30,7 +31,7 @@ _REPEATS = {_c.MAX_REPEAT, _c.MIN_REPEAT} | ({_c.POSSESSIVE_REPEAT} if hasattr(_
 
 
 @lru_cache(maxsize=256)
-def _parse(pattern: str) -> tuple[re.Pattern, object] | None:
+def _parse(pattern: str) -> tuple[re.Pattern, Any] | None:  # Any: the parser's SubPattern
     try:
         return re.compile(pattern), _sre.parse(pattern)
     except (re.error, RecursionError, OverflowError, ValueError):
@@ -144,7 +145,7 @@ def _first_chars(item, fold: bool) -> frozenset[str] | None:
         return _first_chars(list(av[-1])[0], fold)
     elif op is _c.BRANCH:
         alts = [_first_chars(list(alt)[0], fold) if list(alt) else None for alt in av[1]]
-        return None if None in alts else frozenset().union(*alts)
+        return None if None in alts else frozenset[str]().union(*(a for a in alts if a is not None))
     elif op in _REPEATS and av[0] >= 1 and list(av[2]):
         return _first_chars(list(av[2])[0], fold)
     else:
@@ -178,6 +179,16 @@ def pathological(pattern: str, whole: bool = True) -> str | None:
     if bound > 1e300 or paths(pattern, 2 * PLAUSIBLE_NAME, whole) > bound * 2.0**12:
         return "a repeated group can match the same text in many ways: matching takes time exponential in the name"
     return f"up to {bound:.1e} ways to match a {PLAUSIBLE_NAME}-character name: backtracking of a high power of its length"
+
+
+_REGEX_SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")  # a key without these is a plain name (dots aside)
+
+
+def pathological_keys(patterns: object, limit: int | None = None) -> list[tuple[str, str]]:
+    """The rank_pattern or alpha_pattern keys that PEFT's `re.match(RANK_FORM)` could run unbounded on, with why;
+    of the first `limit` keys with regex syntax (each costs a parse), else of all of them."""
+    keys = [k for k in patterns if isinstance(k, str) and _REGEX_SYNTAX.search(k)] if isinstance(patterns, dict) else []
+    return [(k, why) for k in keys[:limit] if (why := pathological(RANK_FORM.format(k), whole=False))]
 
 
 class Matcher:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter_doctor.artifact import Artifact
-from adapter_doctor.checks import Context
+from adapter_doctor.check_context import Context
 from adapter_doctor.finding import Finding
 
 

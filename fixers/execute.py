@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapter_doctor import Options, diagnose
+from adapter_doctor.diagnose import Options, diagnose
 from adapter_doctor.finding import Report, Severity
 
 from . import weights

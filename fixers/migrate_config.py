@@ -37,7 +37,10 @@ def _drop_unknown(ctx: FixContext, out: FixerPlan, peft_type: str, ids: set[str]
                                               f"no edit makes this adapter mean the same to PEFT {release.version}"))
         return
     if "ADC205" in ids and not any(u.key == "peft_version" for u in unknown):
-        out.refusals.append(Refusal("ADC205", f"PEFT {release.version} knows the stamp; upgrade PEFT instead"))
+        saved = ctx.config.get("peft_version")
+        out.refusals.append(Refusal("ADC205", f"the adapter was saved by PEFT {saved}, newer than the target "
+                                              f"{release.version}, which reads the peft_version field itself: no "
+                                              f"config edit helps; load it with PEFT >= {saved}"))
     for u in unknown:
         answers = "ADC202" if u.kind == "future" and not u.at_default else _ANSWERS[u.kind]
         if answers not in ids and u.key == "peft_version" and "ADC205" in ids:

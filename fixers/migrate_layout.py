@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from adapter_doctor.adapter_keys import BASE_PREFIX, parse_key
-from adapter_doctor.base_model import BaseModel, arch_facts, family_of
+from adapter_doctor.base_model import BaseModel, arch_facts, expert_regex, family_of
 
 from .context import FixContext
 from .plan import ABSENT, ConfigEdit, FixerPlan, Refusal, TensorChange
@@ -74,7 +74,7 @@ def _moe_direction(names: list[str], base: BaseModel) -> str | None:
     layout = arch_facts()["moe"]["layouts"].get(family_of(base.model_type) or "")
     if layout is None:
         return None
-    per_expert = re.compile(re.escape(layout["per_expert"]).replace(r"\{e\}", r"\d+"))
+    per_expert = re.compile(expert_regex(layout["per_expert"]))
     fused_in_base = any(m.kind == "experts" for m in base.modules.values())
     modules = {parse_key(n).module for n in names}
     if fused_in_base and any(per_expert.search(m + ".") for m in modules):

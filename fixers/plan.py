@@ -10,6 +10,10 @@ from adapter_doctor.finding import Finding
 ABSENT = object()  # a config key that is not there (before) or is removed (after)
 
 
+def _shown(value: object) -> str:
+    return "(absent)" if value is ABSENT else repr(value)
+
+
 @dataclass(frozen=True)
 class ConfigEdit:
     key: str
@@ -17,6 +21,10 @@ class ConfigEdit:
     after: object
     finding: str  # the check id this edit answers
     reason: str
+
+    def shown(self) -> tuple[str, str]:
+        """The values before and after, as a report prints them."""
+        return _shown(self.before), _shown(self.after)
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,8 @@ class WeightsJob:
     renames: dict[str, str] = field(default_factory=dict)
     cast: str | None = None  # "BF16" or "F16"
     from_pickle: bool = False
-    tensors: dict | None = None  # a whole new tensor set (layout conversions), keyed by final names
+    tensors: dict | None = None  # a whole new tensor set (layout conversions, the MoE swap), renamed like the file's
+    metadata: dict[str, str] | None = None  # the source's __metadata__ as planned (provenance), kept with `tensors`
 
     @property
     def streaming(self) -> bool:

@@ -4,21 +4,29 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from adapter_doctor.artifact import read_artifact
-from adapter_doctor.base_model import resolve_base
-from adapter_doctor.checks import Context, run_checks
+from adapter_doctor.diagnose import Options, examine, findings_of
 from adapter_doctor.env import Env
 from adapter_doctor.finding import Finding, Severity
 from adapter_doctor.targets import Target, TargetError, discover
 
-from . import canonicalize_keys, cast_dtype, migrate_config, migrate_layout, pickle_to_safetensors, set_base
+from . import (
+    bone_to_miss,
+    canonicalize_keys,
+    cast_dtype,
+    migrate_config,
+    migrate_layout,
+    moe_swap,
+    pickle_to_safetensors,
+    set_base,
+)
 from .atomic import Fingerprint
 from .context import FixContext, FixOptions
 from .journal import recover
-from .plan import ABSENT, Plan, Refusal, WeightsJob
+from .plan import ABSENT, FixerPlan, Plan, Refusal, WeightsJob
 
 # Order matters: config edits first (later fixers read the edited config), then names, then data.
-FIXERS = (migrate_config, set_base, canonicalize_keys, migrate_layout, pickle_to_safetensors, cast_dtype)
+FIXERS = (migrate_config, set_base, canonicalize_keys, migrate_layout, moe_swap, bone_to_miss, pickle_to_safetensors,
+          cast_dtype)
 # Fixers that act on an option alone, without a finding naming them.
 _ON_REQUEST = {set_base.ID: lambda o: o.set_base is not None, cast_dtype.ID: lambda o: o.dtype is not None}
 
@@ -47,21 +55,25 @@ def plan(path: Path | str, options: FixOptions | None = None) -> Plan:
     # Taken before anything is read, so that a save while the plan is made is seen when it is written.
     before = _fingerprints(target.root if folder else None, target.config_path)
     env = Env.detect(options.target_peft, options.target_transformers)
-    art = read_artifact(target.root, target.config_path, target.name)
-    config = art.config or {}
-    resolution = resolve_base(config.get("base_model_name_or_path"), config.get("revision"), options.base,
-                              target.root, env.transformers)
-    check = Context(art, env, resolution)
-    findings = [f for f in run_checks(check) if _wanted(f, options.only)]
+    check = examine(target, Options(base=options.base), env)
+    art = check.artifact
+    findings = [f for f in findings_of(check) if _wanted(f, options.only)]
     result = Plan(target.root, target.config_path, art.config, copy.deepcopy(art.config), findings)
     if art.config is None:
         result.refusals = [Refusal(f.id, f.fix.description if f.fix else f.title) for f in findings]
         return result
-    job = WeightsJob(art.primary_weights.path) if art.primary_weights else None
+    primary = art.primary_weights
+    job = WeightsJob(primary.path, metadata=primary.header.metadata if primary.header else None) if primary else None
+    rewriter: str | None = None  # the fixer whose whole new tensor set the job writes
     for fixer in FIXERS:
         mine = [f for f in findings if f.fix and f.fix.fixer == fixer.ID]
         if mine or _ON_REQUEST.get(fixer.ID, lambda o: False)(options):
-            _merge(result, job, fixer.plan(FixContext(art, check, mine, options, result.config_after)))
+            part = fixer.plan(FixContext(art, check, mine, options, result.config_after))
+            if part.tensors is not None and rewriter is not None:
+                part = _second_rewrite(part, mine, rewriter)
+            elif part.tensors is not None:
+                rewriter = fixer.ID
+            _merge(result, job, part)
     handled = {f.id for f in findings if f.fix and f.fix.fixer} | {r.finding for r in result.refusals}
     result.refusals += [Refusal(f.id, f"fix by hand: {f.fix.description if f.fix else f.title}")
                         for f in findings if f.id not in handled and f.severity is not Severity.INFO]
@@ -76,7 +88,15 @@ def _fingerprints(root: Path | None, config: Path) -> dict[str, Fingerprint]:
     return {p.name: Fingerprint.of(p) for p in paths if p.is_file()}
 
 
-def _merge(result: Plan, job: WeightsJob | None, part) -> None:
+def _second_rewrite(part: FixerPlan, mine: list[Finding], rewriter: str) -> FixerPlan:
+    """A refusal in place of a second whole tensor set: each is made from the file as read, so writing one
+    would silently drop the other's change."""
+    answers = sorted({c.finding for c in part.changes} | {e.finding for e in part.edits}) or [f.id for f in mine]
+    reason = f"{rewriter} rewrites the tensors in this run too; run doctor fix again once it is done"
+    return FixerPlan(refusals=part.refusals + [Refusal(a, reason) for a in answers])
+
+
+def _merge(result: Plan, job: WeightsJob | None, part: FixerPlan) -> None:
     for edit in part.edits:
         if edit.after is ABSENT:
             result.config_after.pop(edit.key, None)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapter_doctor.safetensors_header import element_bytes
+
 from .atomic import FixWriteError, Writer
 from .plan import WeightsJob
 from .tensors import RawTensor, read_tensors, write_renamed, write_tensors
@@ -19,13 +21,14 @@ def writer(job: WeightsJob) -> Writer:
             write_renamed(job.source, path, job.renames, metadata or PT_METADATA)
             return
         if job.tensors is not None:
-            tensors, metadata = job.tensors, PT_METADATA
+            tensors, metadata = job.tensors, job.metadata
         elif job.from_pickle:
             tensors, metadata = _from_pickle(job.source), PT_METADATA
         else:
             tensors, metadata = read_tensors(job.source)
-        if job.tensors is None:  # a layout conversion's tensors already carry their final names
-            tensors = {job.renames.get(n, n): t for n, t in tensors.items()}
+        # A fixer's whole new tensor set is keyed by the file's names (or by final ones, which no rename names),
+        # so the renames of the other fixers apply to it as to the file's own tensors.
+        tensors = _renamed(tensors, job.renames)
         if job.cast:
             tensors = {n: cast(t, job.cast) for n, t in tensors.items()}
         write_tensors(path, tensors, metadata or PT_METADATA)
@@ -33,6 +36,13 @@ def writer(job: WeightsJob) -> Writer:
             _verify_against_pickle(job, path)
 
     return write
+
+
+def _renamed(tensors: dict[str, RawTensor], renames: dict[str, str]) -> dict[str, RawTensor]:
+    out = {renames.get(n, n): t for n, t in tensors.items()}
+    if len(out) != len(tensors):
+        raise FixWriteError("the renames map two tensors to one name; nothing was changed")
+    return out
 
 
 def read_tensors_metadata(path: Path) -> dict[str, str] | None:
@@ -50,7 +60,7 @@ def cast(t: RawTensor, dtype: str) -> RawTensor:
     if t.dtype == "BF16":
         values = (np.frombuffer(t.data, "<u2").astype("<u4") << 16).view("<f4")
     else:
-        values = np.frombuffer(t.data, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[t.dtype]).astype("<f4")
+        values = np.frombuffer(t.data, f"<f{element_bytes(t.dtype)}").astype("<f4")
     if dtype == "F16":
         return RawTensor("F16", t.shape, values.astype("<f2").tobytes())
     bits = values.view("<u4")
@@ -64,16 +74,15 @@ def _load_pickle(path: Path) -> dict:
     """torch's load of exactly the bytes the opcode scan passes here and now: the file is read once, those
     bytes are scanned, and only those bytes are loaded, so a file swapped after planning is never loaded."""
     import io
-    import tempfile
 
-    import torch
-    from adapter_doctor.pickle_scan import scan
+    from .pickle_to_safetensors import NEEDS_TORCH, scan_exactly
 
+    try:
+        import torch
+    except ImportError:
+        raise FixWriteError(NEEDS_TORCH) from None
     data = path.read_bytes()
-    with tempfile.TemporaryDirectory(prefix="adapter-doctor-scan-") as private:
-        copy = Path(private) / path.name
-        copy.write_bytes(data)
-        verdict = scan(copy)
+    verdict = scan_exactly(data, path.name)
     if not verdict.passed:
         why = verdict.refused or verdict.error or ", ".join(verdict.unsafe)
         raise FixWriteError(f"{path} no longer passes the opcode scan ({why}); it was not loaded")
@@ -85,10 +94,16 @@ def _load_pickle(path: Path) -> dict:
 
 
 def _from_pickle(path: Path) -> dict[str, RawTensor]:
+    from .pickle_to_safetensors import read_zip_tensors
+
+    zipped = read_zip_tensors(path)  # a torch zip archive needs neither torch nor unpickling
+    if zipped is not None:
+        return zipped
+    state = _load_pickle(path)  # the legacy format: torch's loader, or a one-line error naming the extra
     import torch
 
     out = {}
-    for name, tensor in _load_pickle(path).items():
+    for name, tensor in state.items():
         # clone(): tensors that share storage (views, tied weights) each get their own bytes, as safetensors needs
         flat = tensor.detach().clone().contiguous()
         dtype = _TORCH_TO_ST.get(str(flat.dtype).removeprefix("torch."))
@@ -99,7 +114,11 @@ def _from_pickle(path: Path) -> dict[str, RawTensor]:
 
 
 def _verify_against_pickle(job: WeightsJob, written: Path) -> None:
-    """Reload what was written and compare every tensor with torch's own load of the pickle."""
+    """Reload what was written and compare every tensor with the pickle's (torch's own load for the legacy format)."""
+    from .pickle_to_safetensors import verify_zip_conversion
+
+    if verify_zip_conversion(job.source, written, job.renames, (lambda t: cast(t, job.cast)) if job.cast else None):
+        return
     import torch
     from safetensors.torch import load_file
 

@@ -12,8 +12,14 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from . import cross_entropy, lora_linear, rms_norm, rope, swiglu
+from . import cross_entropy, dequant4bit, lora_linear, rms_norm, rope, swiglu
 from .cross_entropy import causal_lm_labels, cross_entropy_reference
+from .dequant4bit import (
+    Lora4bitParts,
+    Packed4bit,
+    lora4bit_linear_reference,
+    lora4bit_multi_linear_reference,
+)
 from .lora_linear import (
     LoraParts,
     lora_linear_gradient_only_reference,
@@ -39,6 +45,9 @@ class KernelSet:
     # (x, LoraParts) -> a stand-in whose backward is the projection's, or None: for a recomputation that needs
     # only the gradients (the fused set skips the GEMMs; the reference computes the projection)
     lora_linear_gradient_only: Callable[..., object] = lora_linear_gradient_only_reference
+    # The same two on 4-bit bases: (x, [Lora4bitParts, ...]) -> [y, ...], and (x, Lora4bitParts) -> stand-in or None
+    lora4bit_multi_linear: Callable[..., object] = lora4bit_multi_linear_reference
+    lora4bit_gradient_only: Callable[..., object] = lora4bit_linear_reference  # the reference computes it whole
 
 
 TORCH = KernelSet("torch", rms_norm_reference, rope_reference, swiglu_reference, geglu_reference,
@@ -46,7 +55,8 @@ TORCH = KernelSet("torch", rms_norm_reference, rope_reference, swiglu_reference,
                   lora_linear_gradient_only_reference)
 TRITON = KernelSet("triton", rms_norm.rms_norm, rope.rope, swiglu.swiglu, swiglu.geglu, lora_linear.lora_linear,
                    lora_linear.lora_multi_linear, cross_entropy.linear_cross_entropy,
-                   lora_linear.lora_linear_gradient_only)
+                   lora_linear.lora_linear_gradient_only, dequant4bit.lora4bit_multi_linear,
+                   dequant4bit.lora4bit_gradient_only)
 
 
 @functools.cache
@@ -75,4 +85,5 @@ def kernel_set(name: str = "auto") -> KernelSet:
     return sets[name]
 
 
-__all__ = ["TORCH", "TRITON", "KernelSet", "LoraParts", "available", "causal_lm_labels", "kernel_set"]
+__all__ = ["TORCH", "TRITON", "KernelSet", "Lora4bitParts", "LoraParts", "Packed4bit", "available", "causal_lm_labels",
+           "kernel_set"]

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .report import PatchError, PatchReport
 
-__all__ = ["PatchError", "PatchReport", "enable_offloaded_checkpointing", "ensure_patched", "load", "save_adapter",
-           "unpatch"]
+__all__ = ["PatchError", "PatchReport", "attach_packing_guard", "enable_offloaded_checkpointing", "ensure_patched",
+           "load", "return_logits", "save_adapter", "unpatch"]
 
 
 def ensure_patched(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchReport:
@@ -42,6 +42,14 @@ def __getattr__(name: str) -> Any:
         from .loader import load
 
         return load
+    if name == "return_logits":
+        from .causal_lm import return_logits
+
+        return return_logits
+    if name == "attach_packing_guard":
+        from .packing import attach_guard
+
+        return attach_guard
     if name == "enable_offloaded_checkpointing":
         from .checkpoint import enable_offloaded_checkpointing
 

@@ -1,7 +1,8 @@
-"""The patched self-attention shared by Llama, Mistral, Qwen2/3 and Gemma/Gemma2.
+"""The patched self-attention shared by Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3 and Phi-3.
 
-q/k/v/o go through the fused LoRA path when eligible, RoPE through the kernel set; the attention itself is
-the model's configured function (eager, sdpa, flash...), as the library calls it. The two transformers lines
+q/k/v/o go through the fused LoRA path when eligible (Phi-3's fused qkv_proj as one projection, split after),
+RoPE through the kernel set; the attention itself is the model's configured function (eager, sdpa, flash...),
+as the library calls it, except in a packed batch, where `document_attention` keeps each document to itself. The two transformers lines
 differ in how the cache arrives (`past_key_value(s)` on 4.x, `cache` on 5.x) and how it is updated; both are
 read from the objects at hand rather than from a version number.
 """
@@ -11,6 +12,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from . import document_attention
 from .context import Context
 from .projection import project_many
 from .replay import output_projection
@@ -27,24 +29,58 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = (t.view(hidden_shape) for t in
-                         project_many((self.q_proj, self.k_proj, self.v_proj), hidden_states, kernels))
+    query, key, value = (t.view(hidden_shape) for t in _project_qkv(self, opts, hidden_states, kernels))
     value = value.transpose(1, 2)
     if opts.qk_norm:
         query, key = self.q_norm(query), self.k_norm(key)
     cos, sin = position_embeddings
-    query, key = kernels.rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    query, key = _rope(kernels, query.transpose(1, 2), key.transpose(1, 2), cos, sin)
 
     if cache is not None:
         key, value = update_cache(cache, key, value, self.layer_idx, sin, cos, cache_position, kwargs)
 
-    interface = attention_interface(self.config._attn_implementation, ctx.eager_attention)
+    implementation = self.config._attn_implementation
     extra = {name: _read(self, attr) for name, attr in opts.interface_kwargs}
-    output, weights = interface(self, query, key, value, attention_mask,
-                                dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                                **extra, **kwargs)
+    dropout = 0.0 if not self.training else self.attention_dropout
+    documents = kwargs.get("cu_seq_lens_q")
+    if documents is not None and key.shape[-2] == query.shape[-2] and "flash" not in (implementation or "") \
+            and getattr(self, "is_causal", True):
+        # A packed batch (packing.py found it): each query sees only its own document, whatever mask the
+        # library built (it builds none, or a causal one over the whole row, when the forward makes a cache).
+        output, weights = document_attention.attend(
+            self, query, key, value, documents, kwargs.get("max_length_q"), implementation=implementation or "eager",
+            eager=ctx.eager_attention, scaling=self.scaling, dropout=dropout, window=extra.get("sliding_window"),
+            softcap=extra.get("softcap"), kwargs=kwargs)
+    else:
+        interface = attention_interface(implementation, ctx.eager_attention)
+        output, weights = interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
+                                    **extra, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
     return output_projection(self.o_proj, output, kernels), weights
+
+
+def _project_qkv(module: Any, opts: Any, x: Any, kernels: Any) -> list[Any]:
+    if not opts.fused_qkv:
+        return project_many((module.q_proj, module.k_proj, module.v_proj), x, kernels)
+    # One projection, split as the library splits it: all query heads, then key heads, then value heads.
+    (qkv,) = project_many((getattr(module, opts.fused_qkv),), x, kernels)
+    config = module.config
+    q_size = config.num_attention_heads * module.head_dim
+    kv_size = config.num_key_value_heads * module.head_dim
+    # Slices, not split(): the Triton RoPE rotates q and k in place, which autograd allows on a slice but not
+    # on the outputs of a function returning several views.
+    return [qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]]
+
+
+def _rope(kernels: Any, query: Any, key: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
+    rotary = cos.shape[-1]
+    if rotary == query.shape[-1]:
+        return kernels.rope(query, key, cos, sin)
+    # Partial rotary (Phi-3 with partial_rotary_factor < 1): the first `rotary` dims rotate, the rest pass.
+    import torch
+
+    q_rot, k_rot = kernels.rope(query[..., :rotary], key[..., :rotary], cos, sin)
+    return torch.cat((q_rot, query[..., rotary:]), dim=-1), torch.cat((k_rot, key[..., rotary:]), dim=-1)
 
 
 def _read(module: Any, attr: str) -> Any:

@@ -84,6 +84,7 @@ def _function() -> type:
         @staticmethod
         def forward(ctx: Any, run: Callable[..., Any], shape: dict, hidden: Any, *rest: Any) -> Any:
             ctx.run = run
+            rest, ctx.params, ctx.layer = rest[:shape["args"]], rest[shape["args"]:], shape["layer"]  # see below
             ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
             with torch.no_grad(), taping(Tape(RECORD)) as tape:
                 out = run(hidden, *rest)
@@ -108,13 +109,39 @@ def _function() -> type:
                 with torch.enable_grad():
                     out = ctx.run(hidden, *rest)
             out = out[0] if ctx.tuple_out else out
-            torch.autograd.backward(out, grad)
-            return (None, None, hidden.grad, *[None] * len(rest))
+            # The parameters' gradients go out through their edges, unless the layer now holds other parameter
+            # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before.
+            params = list(ctx.params) if _same(ctx.params, _trainable(ctx.layer)) else []
+            if params:
+                grads = torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
+            else:
+                torch.autograd.backward(out, grad)
+                grads = (hidden.grad, *[None] * len(ctx.params))
+            return (None, None, grads[0], *[None] * len(rest), *grads[1:])
 
     return OffloadedCheckpoint
 
 
 _FUNCTION: list[type] = []
+
+
+def _layer_of(function: Callable[..., Any]) -> Any:
+    """The module a transformers layer checkpoints: `partial(forward, layer)` (5.x) or `partial(layer.__call__)`."""
+    import torch
+
+    candidates = [*getattr(function, "args", ())[:1], getattr(getattr(function, "func", function), "__self__", None)]
+    return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
+
+
+def _trainable(layer: Any) -> list[Any]:
+    # FSDP2 swaps a unit's parameters between forward and backward, and its hooks need the gradients accumulated
+    # in place: its layers get no edges.
+    fsdp = layer is None or any(k.__name__ == "FSDPModule" for k in type(layer).__mro__)
+    return [] if fsdp else [p for p in layer.parameters() if p.requires_grad]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, **kwargs: Any) -> Any:
@@ -126,8 +153,14 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, 
 
         kwargs.pop("use_reentrant", None)
         function = functools.partial(function, **kwargs) if kwargs else function
-    shape: dict = {}  # whether the layer returns a tuple (transformers 4) or a tensor (5)
-    out = _FUNCTION[0].apply(function, shape, hidden, *args)
+    layer = _layer_of(function)
+    # and whether the layer returns a tuple (transformers 4) or a tensor (5)
+    shape: dict = {"args": len(args), "layer": layer}
+    # The layer's trainable parameters are inputs too, and get their gradients from the backward: DDP with
+    # find_unused_parameters=True (the Trainer's default for a PeftModel) walks the graph from the loss, and would
+    # find parameters used only inside this forward unused, then see their gradients arrive ("Expected to mark a
+    # variable ready only once").
+    out = _FUNCTION[0].apply(function, shape, hidden, *args, *_trainable(layer))
     return (out, *shape["tail"]) if shape["tuple"] else out
 
 
@@ -140,8 +173,12 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is
     made to (the same step `enable_input_require_grads` does for any checkpointed PEFT model).
     """
+    from torch.nn.parallel import DistributedDataParallel
+
     if not isinstance(every_n_layers, int) or every_n_layers < 1:
         raise ValueError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
+    while isinstance(model, DistributedDataParallel):  # enabled after the wrapping: the model it holds
+        model = model.module
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})

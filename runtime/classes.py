@@ -28,7 +28,7 @@ class PatchMarker:
 
 
 def _version() -> str:
-    from .provenance import runtime_version
+    from adapter_doctor.provenance import runtime_version
 
     return runtime_version()
 
@@ -71,3 +71,15 @@ def restored_class(original: type, forward: Any) -> type:
 def marker_of(module: Any) -> PatchMarker | None:
     marker = getattr(type(module), MARKER, None)
     return marker if isinstance(marker, PatchMarker) else None
+
+
+@functools.cache
+def unpatched_class(cls: type, original: type) -> type:
+    """`original` for one of our classes; for a class a wrapper derived from ours after patching (FSDP2's
+    `FSDP<Layer>`), the same class derived from `original` instead, so that unpatching keeps the wrapper's."""
+    if MARKER in vars(cls):
+        return original
+    bases = tuple(unpatched_class(b, original) if isinstance(getattr(b, MARKER, None), PatchMarker) else b
+                  for b in cls.__bases__)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, bases, namespace)

@@ -38,9 +38,28 @@ def context_for(library: type, options: Any, kernels: Any) -> Context:
         positional = tuple(p.name for p in signature.parameters.values() if p.kind in kinds)[1:]
         annotation = signature.return_annotation
         returns_tuple = annotation is tuple or typing.get_origin(annotation) is tuple
+        returns_tuple = _returns_tuple(library_forward, returns_tuple)
     module = fresh_module(library.__module__) or sys.modules.get(library.__module__)
     eager = getattr(module, "eager_attention_forward", None)
     return Context(options, kernels, library, library_forward, positional, returns_tuple, eager)
+
+
+def _returns_tuple(forward: Callable[..., Any], annotated: bool) -> bool:
+    """Whether the forward's return statements build a tuple, read from its source: an annotation can say
+    tuple where the code returns a tensor (Gemma3's decoder layer on transformers 5)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
+    except (OSError, TypeError, SyntaxError):
+        return annotated
+    tuples = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+              for target in node.targets if isinstance(target, ast.Name)}
+    returns = [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
+    if not returns:
+        return annotated
+    return any(isinstance(v, ast.Tuple) or isinstance(v, ast.Name) and v.id in tuples for v in returns)
 
 
 def named_arguments(ctx: Context, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

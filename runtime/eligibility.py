@@ -4,13 +4,21 @@
 (dropout, DoRA and other variants, a LoRA bias, several active adapters, a merged or disabled adapter, hooks
 that a direct call would skip). Eligibility is read at every call: adapters are enabled, disabled, merged and
 switched while a model lives, and the answer must follow. `head_parts` does the same for the causal LM head.
+
+A LoRA layer on a bitsandbytes `Linear4bit` base (nf4 or fp4, double-quantized or not) gets `Lora4bitParts`:
+the packed weight and its quant state as plain tensors, read from `Params4bit.quant_state`, for the 4-bit path.
+Every other LoRA layer on a linear base (8-bit and other quantized bases, unknown 4-bit layouts) is still a LoRA
+projection: it falls back with its reason, so that the report names every projection the fused path skips.
 """
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
-from adapter_doctor.kernels import LoraParts
+from adapter_doctor.kernels import Lora4bitParts, LoraParts, Packed4bit
+
+from .sharding import is_partial
 
 
 @functools.cache
@@ -22,10 +30,76 @@ def _peft_lora_linear() -> type | None:
     return Linear
 
 
+@functools.cache
+def _peft_lora_layer() -> type | None:
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
+
+
+@functools.cache
+def _peft_lora_4bit_class() -> type | None:
+    try:
+        from peft.tuners.lora.bnb import Linear4bit  # defined only where bitsandbytes is installed
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+def _peft_lora_4bit() -> type | None:
+    """PEFT's LoRA layer for 4-bit bases; looked up only once bitsandbytes is imported (a 4-bit base cannot
+    exist before), so that a bf16 model never pays for importing it."""
+    return _peft_lora_4bit_class() if "bitsandbytes" in sys.modules else None
+
+
+def _bnb_linear4bit() -> type | None:
+    return getattr(sys.modules.get("bitsandbytes.nn"), "Linear4bit", None)
+
+
 def is_lora_linear(module: Any) -> bool:
-    """Whether `module` is a PEFT `lora.Linear` (not a quantized or other LoRA layer)."""
-    cls = _peft_lora_linear()
-    return cls is not None and isinstance(module, cls)
+    """Whether `module` is a PEFT LoRA layer on a linear base, plain or quantized (`lora.Linear`, the bnb
+    `Linear4bit` and `Linear8bitLt` layers...): a projection, fused or falling back."""
+    import torch.nn as nn
+
+    cls, layer = _peft_lora_linear(), _peft_lora_layer()
+    if cls is not None and isinstance(module, cls):
+        return True
+    return layer is not None and isinstance(module, layer) and isinstance(module, nn.Module) \
+        and isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
+def is_4bit_base(base: Any) -> bool:
+    """Whether `base` runs bitsandbytes' Linear4bit forward (LinearNF4 and LinearFP4 included)."""
+    cls = _bnb_linear4bit()
+    return cls is not None and isinstance(base, cls) and type(base).forward is cls.forward
+
+
+def why_not_4bit(base: Any) -> str | None:  # noqa: PLR0911 - one rule per return
+    """Why the 4-bit path cannot read this Linear4bit's weight, or None when it can."""
+    state = getattr(base.weight, "quant_state", None)
+    if state is None:
+        return "4-bit weight without its quant state (not quantized yet)"
+    if state.quant_type not in ("nf4", "fp4"):
+        return f"4-bit quant_type {state.quant_type!r}"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "4-bit weight repacked for bitsandbytes' CPU kernel"
+    if not isinstance(state.blocksize, int) or state.blocksize < 2 or state.blocksize % 2:
+        return f"4-bit blocksize {state.blocksize}"
+    if state.shape is None or tuple(state.shape) != (base.out_features, base.in_features):
+        return f"4-bit weight of shape {None if state.shape is None else tuple(state.shape)}, not [out, in]"
+    if state.code is None or state.code.numel() != 16:
+        return "4-bit code table is not 16 values"
+    if base.weight.data.numel() * base.weight.data.element_size() * 2 < base.out_features * base.in_features:
+        return "4-bit weight holds fewer bytes than its shape needs"
+    if getattr(state, "nested", False):
+        inner = state.state2
+        if inner is None or state.offset is None or inner.code is None or inner.code.numel() != 256:
+            return "double-quantized absmax without a 256-value code table and offset"
+        if state.absmax.dtype.is_floating_point:
+            return "double-quantized absmax stored as floats"
+    return None
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -42,11 +116,21 @@ def _global_hooks() -> bool:
     return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
 
 
+def _sharded(*tensors: Any) -> bool:
+    # A DTensor here is a shard no FSDP pre-forward hook gathered (tensor parallelism, or a module called outside
+    # its FSDP unit's forward): the kernels would take the local shard for the whole weight. ZeRO-3 leaves an
+    # empty placeholder until its own hook on that module gathers it.
+    return any(is_partial(t) for t in tensors)
+
+
 def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule per return, read top to bottom
-    """Why this `lora.Linear` cannot take the fused path right now, or None when it can."""
+    """Why this LoRA layer cannot take the fused path right now, or None when it can."""
     import torch.nn as nn
 
-    if type(module).forward is not _peft_lora_linear().forward:
+    four_bit = _peft_lora_4bit()
+    if type(module).forward not in (_peft_lora_linear().forward, getattr(four_bit, "forward", None)):
+        if type(module).__module__.startswith("peft."):
+            return f"PEFT's {type(module).__name__} layer has no fused path"
         return f"{type(module).__name__}.forward is not PEFT's"
     if module.disable_adapters:
         return "adapters disabled"
@@ -57,7 +141,11 @@ def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule 
         return f"{len(active)} active adapters"
     name = active[0]
     base = module.base_layer
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+    if is_4bit_base(base):
+        reason = why_not_4bit(base)
+        if reason is not None:
+            return reason
+    elif not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
         return f"base layer is {type(base).__name__}"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out"
@@ -71,6 +159,8 @@ def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule 
         return f"LoRA variant {type(variants[name]).__name__}"
     if module.lora_B[name].bias is not None:
         return "lora_bias"
+    if _sharded(base.weight, module.lora_A[name].weight, module.lora_B[name].weight):
+        return "weights are shards (DTensor, ZeRO-3) that no hook gathered"
     if not getattr(module, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled"
     if any(_hooked(m) for m in (module, base, module.lora_A[name], module.lora_B[name])) or _global_hooks():
@@ -78,14 +168,45 @@ def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule 
     return None
 
 
-def lora_parts(module: Any) -> LoraParts | None:
-    """(weight, bias, A, B, scaling) of an eligible `lora.Linear`; None when it must be called as a module."""
+def lora_parts(module: Any) -> LoraParts | Lora4bitParts | None:
+    """(weight, bias, A, B, scaling) of an eligible LoRA layer, `Lora4bitParts` on a 4-bit base; None when it
+    must be called as a module."""
     if not is_lora_linear(module) or why_not_fused(module) is not None:
         return None
     name = next(n for n in module.active_adapters if n in module.lora_A)
     base = module.base_layer
-    return LoraParts(base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                     module.scaling[name])
+    a, b, scaling = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+    if is_4bit_base(base):
+        compute = base.compute_dtype if getattr(base, "compute_type_is_set", True) else None
+        return Lora4bitParts(packed_4bit(base.weight), base.bias, a, b, scaling, compute)
+    return LoraParts(base.weight, base.bias, a, b, scaling)
+
+
+def path_taken(module: Any) -> tuple[str, str]:
+    """("fused" or "fused 4-bit <type>", "") or ("fallback", reason) for a LoRA projection, as the report says."""
+    reason = why_not_fused(module)
+    if reason is not None:
+        return "fallback", reason
+    base = module.base_layer
+    if not is_4bit_base(base):
+        return "fused", ""
+    state = base.weight.quant_state
+    return f"fused 4-bit {state.quant_type}{', double-quantized' if getattr(state, 'nested', False) else ''}", ""
+
+
+def packed_4bit(weight: Any) -> Packed4bit:
+    """The kernels' view of a bitsandbytes `Params4bit`: its bytes and its quant state's tensors."""
+    import torch
+
+    state = weight.quant_state
+    shape = (int(state.shape[0]), int(state.shape[1]))
+    if not getattr(state, "nested", False):
+        return Packed4bit(weight.data, state.absmax, state.code, state.blocksize, shape)
+    inner, offset = state.state2, state.offset
+    if not torch.is_tensor(offset):  # older quant states carry a float
+        offset = torch.tensor(float(offset), dtype=torch.float32, device=state.absmax.device)
+    return Packed4bit(weight.data, state.absmax, state.code, state.blocksize, shape, inner.absmax, inner.code,
+                      inner.blocksize, offset)
 
 
 def head_parts(lm_head: Any) -> tuple[Any, tuple[Any, Any, float] | None]:
@@ -98,9 +219,13 @@ def head_parts(lm_head: Any) -> tuple[Any, tuple[Any, Any, float] | None]:
         parts = lora_parts(lm_head)
         if parts is None:
             raise ValueError(f"lm_head: its LoRA layer cannot take the fused loss ({why_not_fused(lm_head)})")
+        if isinstance(parts, Lora4bitParts):
+            raise ValueError("lm_head: a 4-bit base; the fused loss takes a dense weight")
         if parts.bias is not None:
             raise ValueError("lm_head: the fused loss has no bias term")
         return parts.weight, (parts.lora_a, parts.lora_b, parts.scaling)
+    if _sharded(lm_head.weight):
+        raise ValueError("lm_head: its weight is a shard (DTensor, ZeRO-3) that no hook gathered")
     if type(lm_head).forward is not nn.Linear.forward or lm_head.bias is not None or _hooked(lm_head):
         raise ValueError(f"lm_head: a {type(lm_head).__name__} (with bias or hooks, or not a Linear) must be called "
                          "as a module")

@@ -21,8 +21,8 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-from . import introspect
-from .classes import marker_of, patched_class, restored_class
+from . import introspect, packing
+from .classes import marker_of, patched_class, restored_class, unpatched_class
 from .modules import IMPLEMENTATIONS
 from .pristine import pristine_attr, pristine_instance
 from .report import (
@@ -38,6 +38,7 @@ from .report import (
     ModuleAction,
     PatchError,
     PatchReport,
+    Projection,
 )
 from .specs import ModuleSpec, match, specs_for
 
@@ -101,10 +102,13 @@ def patch(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchRe
     if report.broken or (strict and report.failures):
         raise PatchError(report)
     _apply(steps, kernel)
+    packing.forget(model)  # its attention classes changed: the packing check must look again
     for step in steps:
         report.modules.append(_action(step))
         if step.spec is not None and step.spec.implementation in _PROJECTING:
-            report.fallbacks += _fallbacks(step.path, step.module)
+            projections = _projections(step.path, step.module)
+            report.projections += projections
+            report.fallbacks += [Fallback(p.path, p.reason) for p in projections if p.path_taken == "fallback"]
     return report
 
 
@@ -195,18 +199,14 @@ def _unfit(module: Any, spec: ModuleSpec) -> str:
     if missing:
         return f"lacks {', '.join(missing)}, which {spec.implementation} needs"
     check = IMPLEMENTATIONS[spec.implementation][1]
-    return (check(module) if check is not None else None) or ""
+    return (check(module, spec.options) if check is not None else None) or ""
 
 
-def _fallbacks(path: str, module: Any) -> list[Fallback]:
-    from .eligibility import is_lora_linear, why_not_fused
+def _projections(path: str, module: Any) -> list[Projection]:
+    from .eligibility import is_lora_linear, path_taken
 
-    out = []
-    for name, child in module.named_children():
-        reason = why_not_fused(child) if is_lora_linear(child) else None
-        if reason:
-            out.append(Fallback(f"{path}.{name}" if path else name, reason))
-    return out
+    return [Projection(f"{path}.{name}" if path else name, *path_taken(child))
+            for name, child in module.named_children() if is_lora_linear(child)]
 
 
 def _snapshot(module: Any) -> tuple[type, dict[str, Any]]:
@@ -309,6 +309,7 @@ def unpatch(model: Any) -> int:
         _put_cells(saved.pop("cells", []))
         for key, value in saved.items():
             module.__dict__[key] = value
-        module.__class__ = marker.original
+        module.__class__ = unpatched_class(type(module), marker.original)
         count += 1
+    packing.forget(model)
     return count

@@ -52,23 +52,38 @@ def gated_activation(act_fn: Any) -> tuple[str, str] | None:
     return None
 
 
-def check_mlp(module: Any) -> str | None:
-    if gated_activation(module.act_fn) is None:
-        return f"activation {type(module.act_fn).__name__} has no kernel"
+def check_mlp(module: Any, options: Any) -> str | None:
+    act_fn = getattr(module, options.act_attr, None)
+    if gated_activation(act_fn) is None:
+        return f"activation {type(act_fn).__name__} has no kernel"
     return None
 
 
 def gated_mlp_forward(self: Any, ctx: Context, x: Any) -> Any:
-    kernels = ctx.kernels
-    kind, approximate = gated_activation(self.act_fn) or ("", "")
-    gate, up = project_many((self.gate_proj, self.up_proj), x, kernels)
+    kernels, opts = ctx.kernels, ctx.options
+    act_fn = getattr(self, opts.act_attr)
+    kind, approximate = gated_activation(act_fn) or ("", "")
+    if opts.fused_gate_up:  # Phi-3: one projection, gate then up
+        (gate_up,) = project_many((getattr(self, opts.fused_gate_up),), x, kernels)
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        gate, up = project_many((self.gate_proj, self.up_proj), x, kernels)
     if kind == "swiglu":
         hidden = kernels.swiglu(gate, up)
     elif kind == "geglu":
         hidden = kernels.geglu(gate, up, approximate)
     else:  # the activation changed after patching: compute it as the library does
-        hidden = self.act_fn(gate) * up
+        hidden = act_fn(gate) * up
     return output_projection(self.down_proj, hidden, kernels)
+
+
+def check_decoder(module: Any, options: Any) -> str | None:
+    # Phi-3's residual dropout sits between each sub-block and its residual sum; ours has none, so only p=0 fits.
+    for name in ("resid_attn_dropout", "resid_mlp_dropout"):
+        p = getattr(getattr(module, name, None), "p", 0.0)
+        if p:
+            return f"{name} has p={p}; the patched layer has no residual dropout"
+    return None
 
 
 def decoder_layer_forward(self: Any, ctx: Context, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
@@ -78,6 +93,9 @@ def decoder_layer_forward(self: Any, ctx: Context, hidden_states: Any, *args: An
     tape = active()
     if tape is not None:  # inside a checkpoint: sub-block outputs feed the sums directly unless normed first
         tape.defer_outputs = not sandwich
+    if ctx.options.rope_by_layer_type and "position_embeddings_local" in kwargs:
+        local, global_ = kwargs.pop("position_embeddings_local"), kwargs.pop("position_embeddings_global", None)
+        kwargs["position_embeddings"] = local if self.self_attn.is_sliding else global_
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, attn_weights = self.self_attn(hidden_states=hidden_states, **kwargs)
@@ -95,11 +113,12 @@ def decoder_layer_forward(self: Any, ctx: Context, hidden_states: Any, *args: An
     return (hidden_states, attn_weights) if output_attentions else (hidden_states,)
 
 
-# implementation name -> (forward, check): check(module) returns why this instance cannot take it, or None.
-IMPLEMENTATIONS: dict[str, tuple[Callable[..., Any], Callable[[Any], str | None] | None]] = {
+# implementation name -> (forward, check): check(module, the spec's options) returns why this instance cannot
+# take it, or None.
+IMPLEMENTATIONS: dict[str, tuple[Callable[..., Any], Callable[[Any, Any], str | None] | None]] = {
     "attention": (attention_forward, None),
     "gated_mlp": (gated_mlp_forward, check_mlp),
     "rms_norm": (rms_norm_forward, None),
-    "decoder_layer": (decoder_layer_forward, None),
+    "decoder_layer": (decoder_layer_forward, check_decoder),
     "causal_lm": (causal_lm_forward, None),
 }

@@ -1,21 +1,44 @@
-"""Calling projections: fused LoRA when the layers allow it, the modules themselves otherwise."""
+"""Calling projections: fused LoRA when the layers allow it (the 4-bit path on bitsandbytes 4-bit bases), the
+modules themselves otherwise."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from adapter_doctor.kernels import Lora4bitParts, LoraParts
+
 from .eligibility import lora_parts
 
 
+def _one(module: Any, parts: Any, x: Any, kernels: Any) -> Any:
+    if parts is None:
+        return module(x)
+    if isinstance(parts, Lora4bitParts):
+        return kernels.lora4bit_multi_linear(x, [parts])[0]
+    return kernels.lora_linear(x, *parts)
+
+
 def project(module: Any, x: Any, kernels: Any) -> Any:
-    """`module(x)`, through the kernel set's LoRA linear when `module` is an eligible PEFT lora.Linear."""
-    parts = lora_parts(module)
-    return module(x) if parts is None else kernels.lora_linear(x, *parts)
+    """`module(x)`, through the kernel set's LoRA linear when `module` is an eligible PEFT LoRA layer."""
+    return _one(module, lora_parts(module), x, kernels)
 
 
 def project_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any]:
-    """[m(x) for m in modules], with one read and one saved copy of `x` when every layer takes the fused path
-    (q/k/v, gate/up)."""
+    """[m(x) for m in modules], with one read and one saved copy of `x` when every layer takes the same fused
+    path (q/k/v, gate/up)."""
     parts = [lora_parts(m) for m in modules]
-    if all(p is not None for p in parts):
+    if all(isinstance(p, LoraParts) for p in parts):
         return list(kernels.lora_multi_linear(x, parts))
-    return [module(x) if p is None else kernels.lora_linear(x, *p) for module, p in zip(modules, parts)]
+    if all(isinstance(p, Lora4bitParts) for p in parts) and len({p.compute_dtype for p in parts}) == 1:
+        return list(kernels.lora4bit_multi_linear(x, parts))
+    return [_one(module, p, x, kernels) for module, p in zip(modules, parts)]
+
+
+def gradient_only(module: Any, x: Any, kernels: Any) -> Any:
+    """A placeholder for `module(x)` whose backward is the projection's, for a replay that needs no value; None
+    where the layer or the kernel set cannot provide one."""
+    parts = lora_parts(module)
+    if parts is None:
+        return None
+    if isinstance(parts, Lora4bitParts):
+        return kernels.lora4bit_gradient_only(x, parts)
+    return kernels.lora_linear_gradient_only(x, parts)

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .projection import project
+from .projection import gradient_only, project
 
 RECORD, REPLAY = "record", "replay"
 
@@ -98,10 +98,7 @@ def output_projection(module: Any, x: Any, kernels: Any) -> Any:
     """`project(module, x)`, or during a replay whose layer defers its outputs, a gradient-only placeholder."""
     tape = active()
     if tape is not None and tape.mode == REPLAY and tape.defer_outputs:
-        from .eligibility import lora_parts
-
-        parts = lora_parts(module)
-        out = None if parts is None else kernels.lora_linear_gradient_only(x, parts)
+        out = gradient_only(module, x, kernels)
         if out is not None:
             return out
     return project(module, x, kernels)

@@ -24,6 +24,13 @@ class Fallback:
     reason: str  # why it runs as PEFT runs it instead of the fused kernel
 
 
+@dataclass
+class Projection:
+    path: str  # every LoRA projection of a patched module, e.g. model.layers.0.mlp.down_proj
+    path_taken: str  # "fused", "fused 4-bit nf4" (", double-quantized"), or "fallback"
+    reason: str = ""  # for a fallback, why it runs as PEFT runs it
+
+
 class PatchError(RuntimeError):
     """A module would be left broken, or strict=True and something supported was left unpatched; nothing was
     changed. `report` says what."""
@@ -41,6 +48,7 @@ class PatchReport:
     strict: bool = False
     modules: list[ModuleAction] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
+    projections: list[Projection] = field(default_factory=list)  # the fused ones and the fallbacks, in order
 
     def _with(self, action: str) -> list[ModuleAction]:
         return [m for m in self.modules if m.action == action]

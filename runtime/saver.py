@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from adapter_doctor.provenance import Provenance, base_fields, fingerprint, runtime_version
+
 from .classes import marker_of
-from .provenance import Provenance, base_fields, fingerprint, runtime_version
+from .sharding import is_partial
 
 _BASE_PREFIX = "base_model.model."
 
@@ -42,12 +44,43 @@ def provenance(model: Any, max_seq_length: int | None = None) -> Provenance:
     )
 
 
-def save_adapter(model: Any, directory: str | os.PathLike[str], *, max_seq_length: int | None = None) -> Path:
-    """Save like `PeftModel.save_pretrained`, adding provenance to each weights file's `__metadata__`."""
+def _unwrapped(model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def _refuse_partial(model: Any, state_dict: dict[str, Any] | None) -> None:
+    """Raise before anything is written when what would be saved is a shard or empty: an FSDP2 DTensor, or a
+    ZeRO-3 placeholder (doctor check reports both in others' adapters, ADC701)."""
+    if state_dict is None:
+        names = [name for name, p in model.named_parameters() if is_partial(p)]
+        where = "the model's parameters"
+    else:
+        names = [name for name, t in state_dict.items() if hasattr(t, "numel") and is_partial(t)]
+        where = "state_dict"
+    if names:
+        raise ValueError(f"{len(names)} tensors of {where} are shards or empty (FSDP2, ZeRO-3), e.g. {names[0]}: "
+                         "gather a full state dict on every rank (accelerate's get_state_dict(model), or torch's "
+                         "get_model_state_dict with full_state_dict=True) and pass it as state_dict= on rank 0")
+
+
+def save_adapter(model: Any, directory: str | os.PathLike[str], *, max_seq_length: int | None = None,
+                 state_dict: dict[str, Any] | None = None) -> Path:
+    """Save like `PeftModel.save_pretrained`, adding provenance to each weights file's `__metadata__`.
+
+    Under DDP, call it on rank 0 with the model or its wrapper. Under FSDP2 the parameters are shards: gather a
+    full `state_dict` on every rank and pass it here on rank 0, as for `save_pretrained`; without it, or with
+    shards in it, this raises ValueError and writes nothing.
+    """
     from safetensors.torch import load_file, save_file
 
     directory = Path(directory)
-    model.save_pretrained(str(directory))
+    model = _unwrapped(model)
+    _refuse_partial(model, state_dict)
+    model.save_pretrained(str(directory), **({} if state_dict is None else {"state_dict": state_dict}))
     meta = {"format": "pt", **provenance(model, max_seq_length).to_metadata()}
     for name in model.peft_config:  # PEFT saves a non-default adapter in <dir>/<name>/
         weights = (directory if name == "default" else directory / name) / "adapter_model.safetensors"

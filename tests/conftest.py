@@ -1,11 +1,38 @@
-"""Shared test helpers: paths to committed data and a tiny safetensors writer for byte-level cases."""
+"""Shared test helpers: paths to committed data and a tiny safetensors writer for byte-level cases; where the
+Triton kernels run; and the coverage floor, which holds for the whole suite only."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import struct
 from pathlib import Path
 
 import pytest
+
+
+def _interpret_triton_without_a_gpu() -> None:
+    # triton.jit reads TRITON_INTERPRET when a function is defined (triton.language's own helpers too), so it
+    # is set here, before any test module imports triton, torch or transformers.
+    if "TRITON_INTERPRET" in os.environ or importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_triton_without_a_gpu()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """[tool.coverage.report] fail_under is the floor of the whole suite; a run of some tests covers less."""
+    cov = session.config.pluginmanager.get_plugin("_cov")
+    option = session.config.option
+    whole = (session.config.args_source is pytest.Config.ArgsSource.TESTPATHS and not option.keyword
+             and not option.markexpr and not option.deselect and not getattr(option, "lf", False))
+    if cov is not None and not whole:
+        cov.options.cov_fail_under = 0
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

@@ -433,6 +433,48 @@ def validates_task_type(methods: dict[str, Located]) -> bool:
     return False
 
 
+def modules_to_save_match(tree: SourceTree) -> str | None:
+    """How ``_set_trainable`` tests a name against ``modules_to_save``: ``suffix`` for ``key.endswith(target)`` on
+    module names (0.3+), ``substring`` for ``target in name`` on parameter names (0.1, 0.2)."""
+    for module in ("peft.utils.other", "peft.utils"):
+        parsed = tree.module(module)
+        funcs = [n for n in ast.walk(parsed) if isinstance(n, ast.FunctionDef) and n.name == "_set_trainable"] if parsed else []
+        for gen in (n for func in funcs for n in ast.walk(func) if isinstance(n, ast.GeneratorExp)):
+            if isinstance(gen.elt, ast.Call) and _name(gen.elt.func) == "endswith":
+                return "suffix"
+            if isinstance(gen.elt, ast.Compare) and isinstance(gen.elt.ops[0], ast.In):
+                return "substring"
+    return None
+
+
+def _mentions_attr_or_name(node: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == name or isinstance(n, ast.Attribute) and n.attr == name
+               for n in ast.walk(node))
+
+
+def lora_init_values(tree: SourceTree) -> dict[str, list[str]] | None:
+    """The string values of ``init_lora_weights`` that LoRA's layer code acts on: compared with ``==`` (also after
+    ``.lower()``) or matched with ``.startswith``. Any other string reaches ``reset_lora_parameters``, which raises
+    ``Unknown initialization`` (the Literal annotation lags the code: 0.21 handles "lora_ga" without listing it)."""
+    module = next((m for m in ("peft.tuners.lora.layer", "peft.tuners.lora") if tree.module(m)), None)
+    if module is None:
+        return None
+    equals, prefixes = set(), set()
+    for node in ast.walk(tree.module(module)):
+        if isinstance(node, ast.Compare) and _mentions_attr_or_name(node.left, "init_lora_weights"):
+            for op, right in zip(node.ops, node.comparators):
+                if isinstance(op, (ast.Eq, ast.In)) and isinstance(right, ast.Constant) and isinstance(right.value, str):
+                    equals.add(right.value)
+        elif (isinstance(node, ast.Call) and _name(node.func) == "startswith" and node.args
+              and _mentions_attr_or_name(node.func, "init_lora_weights") and isinstance(node.args[0], ast.Constant)):
+            prefixes.add(node.args[0].value)
+    raises = any(isinstance(n, ast.Raise) and any(isinstance(c, ast.Constant) and "Unknown initialization" in str(c.value)
+                                                  for c in ast.walk(n)) for n in ast.walk(tree.module(module)))
+    if not (equals or prefixes):
+        return None
+    return {"equals": sorted(equals), "prefixes": sorted(prefixes), "other_strings": "raise" if raises else "as-true"}
+
+
 # --- assembling the table -----------------------------------------------------------------
 
 _OPS = {ast.NotEq: "!=", ast.Eq: "==", ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
@@ -482,6 +524,35 @@ def unknown_key_filter(methods: dict[str, Located]) -> str | None:
     return None
 
 
+SAFETENSORS_ADAPTER = "adapter_model.safetensors"
+_SAFETENSORS_READERS = {"safetensors.torch": {"load_file", "load"}, "safetensors": {"safe_open"}}
+
+
+def reads_safetensors(tree: SourceTree) -> bool:
+    """Does a function of the release both name adapter_model.safetensors and read it with safetensors?
+
+    Releases before that only look for adapter_model.bin: an adapter converted to safetensors does not load there.
+    """
+    constants = set()  # names bound to the file name (SAFETENSORS_WEIGHTS_NAME)
+    for module, text in tree.sources.items():
+        if SAFETENSORS_ADAPTER in text:
+            for stmt in _flat(tree.module(module).body):
+                if isinstance(stmt, ast.Assign) and getattr(stmt.value, "value", None) == SAFETENSORS_ADAPTER:
+                    constants |= {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+    for module, text in sorted(tree.sources.items()):
+        if "safetensors" not in text:
+            continue
+        mod = tree.module(module)
+        readers = {alias.asname or alias.name for node in ast.walk(mod) if isinstance(node, ast.ImportFrom)
+                   for alias in node.names if alias.name in _SAFETENSORS_READERS.get(node.module or "", ())}
+        for func in (n for n in ast.walk(mod) if isinstance(n, ast.FunctionDef)) if readers else ():
+            names_file = _mentions(func, constants) or any(
+                isinstance(n, ast.Constant) and n.value == SAFETENSORS_ADAPTER for n in ast.walk(func))
+            if names_file and any(isinstance(n, ast.Call) and _name(n.func) in readers for n in ast.walk(func)):
+                return True
+    return False
+
+
 def analyse(version: str, date: str, sources: dict[str, str]) -> dict[str, Any]:
     """Everything the table records about one release."""
     tree = SourceTree(sources)
@@ -504,6 +575,9 @@ def analyse(version: str, date: str, sources: dict[str, str]) -> dict[str, Any]:
         "value_warnings": dict(sorted(warns.items())),
         "dispatches_on_peft_type": dispatches(methods),
         "unknown_keys_filter": unknown_key_filter(methods),
+        "reads_safetensors": reads_safetensors(tree),
+        "modules_to_save_match": modules_to_save_match(tree),
+        "lora_init_values": lora_init_values(tree),
     }
     return {"release": release, "configs": configs}
 

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import importlib
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ..artifact import Artifact
-from ..base_model import BaseModel, BaseResolution
-from ..config_kind import not_peft
-from ..env import Env
+from ..check_context import Context
 from ..finding import Finding, Fix, Severity
-from ..knowledge import FieldSpec, Release, peft_table
-from ..user_regex import Matcher
 
 MODULES = (
     "config_invalid",
@@ -26,6 +21,7 @@ MODULES = (
     "weights",
     "keys_prefix",
     "keys_unmatched",
+    "module_renames",
     "shape_mismatch",
     "values",
     "training_state",
@@ -50,43 +46,6 @@ class Check:
         if fix is None and (self.fixer or self.manual):
             fix = Fix(self.fixer, self.manual or f"doctor fix --only {self.id}")
         return Finding(self.id, self.category, severity or self.severity, title or self.title, message, path, fix)
-
-
-@dataclass
-class Context:
-    artifact: Artifact
-    env: Env
-    resolution: BaseResolution = field(default_factory=lambda: BaseResolution(None))
-    scan_values: bool = True
-    matcher: Matcher = field(default_factory=Matcher)  # the config's regexes share one time budget
-
-    def config_file(self, key: str | None = None) -> str:
-        return f"{self.artifact.config_path}#/{key}" if key else str(self.artifact.config_path)
-
-    @property
-    def base(self) -> BaseModel | None:
-        return self.resolution.base
-
-    @property
-    def target_release(self) -> Release:
-        """The PEFT release the adapter is judged against (the newest known when PEFT is absent)."""
-        table = peft_table()
-        return table.resolve(self.env.peft) if self.env.peft else table.newest
-
-    @property
-    def not_peft(self) -> bool:
-        """Another tool's config, or no config PEFT could use: the checks of PEFT weights stand aside."""
-        return not_peft(self.artifact.config)
-
-    @property
-    def peft_type(self) -> str | None:
-        config = self.artifact.config or {}
-        value = config.get("peft_type")
-        return value if isinstance(value, str) and value in peft_table().all_peft_types() else None
-
-    @property
-    def target_fields(self) -> dict[str, FieldSpec]:
-        return peft_table().fields(self.peft_type, self.target_release) if self.peft_type else {}
 
 
 Runner = Callable[[Context], Iterable[Finding]]

@@ -12,15 +12,17 @@ ABS_MISSING = Check(
     "ADC301", CAT, Severity.WARNING, "The base is an absolute path that does not exist here",
     "PEFT records the base as it was loaded in training. An absolute path from another machine makes "
     "AutoPeftModel and `from_pretrained(adapter_dir)` fail; loading the base yourself still works.",
-    fixer="set-base")
+    fixer="set-base", manual="doctor fix --only ADC301 --set-base NAME_OR_PATH")
 WINDOWS = Check(
     "ADC302", CAT, Severity.WARNING, "The base is a Windows path",
-    "A Windows path cannot be resolved on Linux or macOS, and the Hub rejects it as a repo id.", fixer="set-base")
+    "A Windows path cannot be resolved on Linux or macOS, and the Hub rejects it as a repo id.", fixer="set-base",
+    manual="doctor fix --only ADC302 --set-base NAME_OR_PATH")
 QUANTIZED = Check(
     "ADC303", CAT, Severity.INFO, "Trained on a quantized base",
     "The base name says 4-bit/8-bit (bnb, GPTQ, AWQ). Loading it by name needs that quantization library. Loading the "
     "adapter onto the full-precision model works (keys are the same) but outputs drift slightly, because the "
-    "adapter learned to correct the quantized weights.", fixer="set-base")
+    "adapter learned to correct the quantized weights.", fixer="set-base",
+    manual="doctor fix --only ADC303 --set-base NAME_OR_PATH")
 REVISION = Check(
     "ADC304", CAT, Severity.WARNING, "revision is \"unsloth\"",
     "Unsloth writes `revision: \"unsloth\"`. PEFT passes it to the Hub when it loads the base by name, and no such "
@@ -38,7 +40,7 @@ MISMATCH = Check(
 NO_BASE = Check(
     "ADC307", CAT, Severity.INFO, "No base model recorded",
     "base_model_name_or_path is empty, so only code that passes the base explicitly can load the adapter.",
-    fixer="set-base")
+    fixer="set-base", manual="doctor fix --only ADC307 --set-base NAME_OR_PATH")
 BASE_UNREADABLE = Check(
     "ADC308", CAT, Severity.WARNING, "The base folder cannot be read",
     "The base folder exists but has no readable config.json, so shape and key checks against it are skipped.")

@@ -1,14 +1,13 @@
 """config-invalid: adapter_config.json is missing, unreadable, not PEFT's, or holds impossible values."""
 from __future__ import annotations
 
-import re
 from typing import Iterator
 
 from ..annotations import fits
 from ..config_kind import LORA_HINT_KEYS, foreign_tool
 from ..finding import Finding, Fix, Severity, brief
 from ..knowledge import peft_table
-from ..user_regex import RANK_FORM, pathological
+from ..user_regex import pathological, pathological_keys
 from . import Check, Context, register, runner
 
 CAT = "config-invalid"
@@ -45,9 +44,7 @@ PATHOLOGICAL = Check("ADC109", CAT, Severity.WARNING, "A regular expression in t
                      "so the checks that need it are skipped.",
                      manual="Rewrite the pattern without nested or stacked quantifiers, or list the module names.")
 register(MISSING, BAD_JSON, EMPTY, LFS, FOREIGN, NO_TYPE, BAD_TYPE, BAD_VALUE, PATHOLOGICAL)
-_REGEX_SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")  # a key without these is a plain name (dots aside)
 _MAX_PATTERNS = 256  # patterns bounded per config: each costs a parse
-
 
 
 @runner
@@ -118,7 +115,12 @@ def _value_findings(ctx: Context, config: dict, peft_type: str) -> Iterator[Find
     newest = table.fields(peft_type, table.newest)
     for key, value in config.items():
         spec = ctx.target_fields.get(key) or newest.get(key)
+        # `revision: str = None` (0.4-0.6): PEFT writes that null itself, and reads it back as the default.
+        if value is None and spec is not None and spec.default is None:
+            continue
         if spec is not None and spec.annotation and not fits(value, spec.annotation):
+            if newer_value(key, value, newest):
+                continue  # a value a later release added (init_lora_weights="lora_ga"): ADC202 says so
             yield BAD_VALUE.finding(f"{key} is {brief(value)} ({_json_type(value)}); PEFT declares it as {spec.annotation}",
                                     ctx.config_file(key))
     yield from _range_findings(ctx, config)
@@ -133,11 +135,7 @@ def _pattern_findings(ctx: Context, config: dict) -> Iterator[Finding]:
             if why:
                 yield PATHOLOGICAL.finding(f"{field} {brief(pattern)}: {why}", ctx.config_file(field))
     for field in ("rank_pattern", "alpha_pattern"):
-        keys = config.get(field)
-        if not isinstance(keys, dict):
-            continue
-        regexes = [k for k in keys if isinstance(k, str) and _REGEX_SYNTAX.search(k)][:_MAX_PATTERNS]
-        bad = [(k, why) for k in regexes if (why := pathological(RANK_FORM.format(k), whole=False))]
+        bad = pathological_keys(config.get(field), _MAX_PATTERNS)
         if bad:
             (key, why), more = bad[0], f" ({len(bad)} such keys)" if len(bad) > 1 else ""
             yield PATHOLOGICAL.finding(f"{field} key {brief(key)}{more}: {why}", ctx.config_file(field))
@@ -161,3 +159,12 @@ def _range_findings(ctx: Context, config: dict) -> Iterator[Finding]:
 def _json_type(value: object) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
             type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def newer_value(key: str, value: object, newest: dict) -> bool:
+    """Does a later release admit `value` (so it is new, not wrong)? init_lora_weights goes by the values LoRA's
+    code acts on, which the annotation lags behind."""
+    if key == "init_lora_weights" and isinstance(value, str):
+        return any(r.understands_init(value) for r in peft_table().releases)
+    spec = newest.get(key)
+    return spec is not None and bool(spec.annotation) and fits(value, spec.annotation)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from ..annotations import fits
 from ..finding import Finding, Fix, Severity
 from ..knowledge import config_fields, parse_version, peft_table
 from ..peft_load import UnknownKey, classify_unknown, predict
@@ -49,7 +50,14 @@ TARGET = Check(
     "ADC208", CAT, Severity.INFO, "Which PEFT release the adapter was judged against",
     "Version checks use the installed PEFT, or `--target-peft`. Without either they use the newest release in the "
     "knowledge table.")
-register(UNKNOWN_DEFAULT, FEATURE_MISSING, LEGACY, FOREIGN_KEYS, STAMP_NEWER, ERA, TASK_TYPE, TARGET)
+METHOD_MISSING = Check(
+    "ADC209", CAT, Severity.ERROR, "The target PEFT does not have this peft_type",
+    "Each release maps peft_type to a config class; a type it lacks raises `KeyError` before anything loads. Some "
+    "methods were removed: BONE went in 0.19, replaced by MiSS, which keeps its block layout (`bone_block` is "
+    "`miss_block`).", manual="Load it with a PEFT release that has the method (see the message).")
+register(UNKNOWN_DEFAULT, FEATURE_MISSING, LEGACY, FOREIGN_KEYS, STAMP_NEWER, ERA, TASK_TYPE, TARGET, METHOD_MISSING)
+# What replaced a removed method, where its saved layout carries over unchanged (checked by reloads: tests/doctor/checks/test_precision.py)
+SUCCESSORS = {"BONE": "MISS"}
 
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
@@ -58,9 +66,13 @@ def check(ctx: Context) -> Iterator[Finding]:
     peft_type, config = ctx.peft_type, ctx.artifact.config
     if peft_type is None or config is None:
         return
+    if peft_type not in release.peft_types:
+        yield _method_missing(ctx, peft_type, release)
+        return
     unknown = classify_unknown(config, peft_type, release)
     first_error = predict(config, None, release).error
     yield from _unknown_findings(ctx, unknown, release.version, release.unknown_keys, first_error)
+    yield from _new_values(ctx, config, peft_type, release)
     yield from _task_type(ctx, config, release)
     yield from _stamp(ctx, config, peft_type, release.version)
 
@@ -158,7 +170,11 @@ def _stamp(ctx: Context, config: dict, peft_type: str, target: str) -> Iterator[
     if isinstance(stamp, str):
         saved = parse_version(stamp)
         if saved is not None and saved > parse_version(target):
-            yield STAMP_NEWER.finding(f"saved by PEFT {stamp}; the target is {target}", ctx.config_file("peft_version"))
+            # A target that reads the stamp itself keeps it: no config edit helps, a newer PEFT does.
+            fix = Fix(None, f"Load it with PEFT >= {saved}: pip install -U 'peft>={saved}'") \
+                if "peft_version" in ctx.target_fields else None
+            yield STAMP_NEWER.finding(f"saved by PEFT {stamp}; the target is {target}", ctx.config_file("peft_version"),
+                                      fix=fix)
         return
     yield ERA.finding(_era_message(config, peft_type, ctx.artifact.model_card), ctx.config_file())
 
@@ -181,3 +197,50 @@ def _era_message(config: dict, peft_type: str, card: dict | None) -> str:
         return (f"no peft_version stamp, and {len(keys)} keys where PEFT writes every field: the config was trimmed "
                 f"(Unsloth and some trainers do this), so no release can be inferred{hint}")
     return f"no peft_version stamp, and no PEFT release writes this key set{hint}"
+
+
+def _method_missing(ctx: Context, peft_type: str, release) -> Finding:
+    having = peft_table().releases_with_peft_type(peft_type)
+    if having and having[-1].parsed < release.parsed:
+        successor = SUCCESSORS.get(peft_type)
+        instead = f"; {successor} replaces it" if successor in release.peft_types else ""
+        return METHOD_MISSING.finding(
+            f"peft_type {peft_type} was removed after PEFT {having[-1].version}{instead}: PEFT {release.version} "
+            f"raises `KeyError: '{peft_type}'`", ctx.config_file("peft_type"),
+            title=f"PEFT {release.version} no longer has {peft_type}",
+            fix=Fix("bone-to-miss", f"doctor fix --only {METHOD_MISSING.id}") if peft_type == "BONE" and instead
+            else Fix(None, f"pip install 'peft=={having[-1].version}', or retrain with {successor or 'another method'}"))
+    since = having[0].version  # ctx.peft_type is one some release has
+    return METHOD_MISSING.finding(f"peft_type {peft_type} needs PEFT >= {since}: PEFT {release.version} raises "
+                                  f"`KeyError: '{peft_type}'`", ctx.config_file("peft_type"),
+                                  fix=Fix(None, f"pip install -U 'peft>={since}'"))
+
+
+# What a release does with a value its annotation does not admit, where a later release added that value.
+INIT_EFFECTS = {"raise": "raises `ValueError: Unknown initialization` when it builds the LoRA layers",
+                "as-true": "reads it as True (the default init), so the method's meaning is lost without a word"}
+UNKNOWN_EFFECT = "has no such initialization, so it ignores or rejects it"  # an effect the table names and this does not
+
+
+def _new_values(ctx: Context, config: dict, peft_type: str, release) -> Iterator[Finding]:
+    table = peft_table()
+    target = ctx.target_fields
+    for key, value in config.items():
+        spec = target.get(key)
+        if key == "init_lora_weights" and peft_type == "LORA" and isinstance(value, str):
+            if release.understands_init(value):
+                continue
+            later = [r for r in table.releases if r.parsed > release.parsed and r.understands_init(value)]
+            effect = INIT_EFFECTS.get((release.lora_init_values or {}).get("other_strings", "as-true"), UNKNOWN_EFFECT)
+        elif spec is None or not spec.annotation or fits(value, spec.annotation) or value is None and spec.default is None:
+            continue
+        else:
+            later = [r for r in table.releases if r.parsed > release.parsed
+                     and (s := table.fields(peft_type, r).get(key)) is not None and fits(value, s.annotation)]
+            effect = "reads a value it has no meaning for"
+        if not later:
+            continue  # a value no release admits: ADC108
+        yield FEATURE_MISSING.finding(
+            f"{key}={value!r} is a value PEFT {later[0].version} added; PEFT {release.version} {effect}.",
+            ctx.config_file(key), title=f"{key}={value!r} is unknown to PEFT {release.version}",
+            fix=Fix(None, f"pip install -U 'peft>={later[0].version}'"))

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Iterator
 
 from ..adapter_keys import MAX_SUFFIXES, AdapterKey, ModuleSelector, ParameterSelector, dot_suffixes
-from ..base_model import BaseModel, arch_facts, family_of
+from ..base_model import BaseModel, arch_facts, expert_regex, family_of
 from ..finding import Finding, Severity, brief, sample
 from ..knowledge import behaviour, has_behaviour
 from . import Check, Context, register, runner
@@ -57,17 +57,22 @@ class _Selection:
         self.parameters = ParameterSelector(config.get("target_parameters"))
         saved, task = config.get("modules_to_save"), config.get("task_type")
         heads = TASK_HEADS.get(task, []) if isinstance(task, str) else []
-        self.saved = frozenset(s for s in [*(saved if isinstance(saved, list) else []), *heads] if isinstance(s, str))
-        self.saved_parts = min(8, max((s.count(".") + 1 for s in self.saved), default=0))
+        self.saved = tuple(sorted({s for s in [*(saved if isinstance(saved, list) else []), *heads] if isinstance(s, str)}))
+        # PEFT wraps every module whose name ends with an entry, as plain text: "classifier" takes
+        # "pre_classifier" too (0.3+). 0.1 and 0.2 test `entry in name` on parameter names.
+        self.saved_match = ctx.target_release.modules_to_save_match
         self.layers = _wanted_layers(config.get("layers_to_transform"))
         self.bias = config.get("bias") in ("all", "lora_only")
         self._seen: dict[str, bool | None] = {}
 
     def saved_whole(self, module: str) -> bool:
         """Is `module` (or a module containing it) wrapped by modules_to_save, explicitly or by the task head?"""
+        if not self.saved:
+            return False
+        if self.saved_match == "substring":
+            return any(s in module for s in self.saved)
         parts = module.split(".", MAX_SUFFIXES)[:MAX_SUFFIXES]
-        return any(".".join(parts[j - k:j]) in self.saved
-                   for j in range(1, len(parts) + 1) for k in range(1, min(self.saved_parts, j) + 1))
+        return any(".".join(parts[:j]).endswith(self.saved) for j in range(len(parts), 0, -1))
 
     def layer_ok(self, module: str) -> bool:
         if self.layers is None:
@@ -166,7 +171,9 @@ def _against_base(ctx: Context, config: dict, selection: _Selection, keys: list[
                   base: BaseModel) -> Iterator[Finding]:
     modules = base.modules
     adapter_modules = sorted({k.module for k in keys if k.role.startswith("lora_") or (k.role == "full" and k.param)})
-    missing = [m for m in adapter_modules if m not in modules]
+    renamed = ctx.renames.reported if ctx.renames is not None else frozenset()  # ADC518 explains those
+    heads = _task_heads(config)
+    missing = [m for m in adapter_modules if m not in modules and m not in renamed and not _task_built(m, heads)]
     if missing:
         cause, severity = _drift(missing[0], base, ctx)
         share = "all" if len(missing) == len(adapter_modules) else f"{len(missing)} of {len(adapter_modules)}"
@@ -180,17 +187,28 @@ def _against_base(ctx: Context, config: dict, selection: _Selection, keys: list[
     if None in answers.values():  # a regex that cannot be run in bounded time (ADC109 says why)
         return
     matched = [m for m, hit in answers.items() if hit]
-    if not matched and not config.get("target_parameters"):
+    if not matched and not config.get("target_parameters") and not renamed:
         yield TARGET_NOT_IN_BASE.finding(
             f"no module of the base at {base.path} matches target_modules={brief(targets)}: PEFT raises "
             "`ValueError: Target modules ... not found in the base model`", ctx.config_file("target_modules"))
         return
     trained = {k.module for k in keys if k.role.startswith("lora_")}
     untrained = [m for m in matched if m not in trained and selection.layer_ok(m)]
-    if untrained and trained and not missing:  # with path drift, the finding above already explains the gap
+    if untrained and trained and not missing and not renamed:  # with path drift, the finding above already explains the gap
         yield NO_WEIGHTS.finding(
             f"{len(untrained)} of {len(matched)} base modules selected by target_modules have no weights in the file, "
             f"e.g. {untrained[0]}; they load with lora_B = 0", ctx.config_file("target_modules"))
+
+
+def _task_heads(config: dict) -> tuple[str, ...]:
+    task = config.get("task_type")
+    return tuple(TASK_HEADS.get(task, ())) if isinstance(task, str) else ()
+
+
+def _task_built(module: str, heads: tuple[str, ...]) -> bool:
+    """A head that the task type's model class adds at its root (`score` of LlamaForSequenceClassification,
+    DistilBERT's `pre_classifier` and `classifier`): the base's own class, often *ForCausalLM, lacks it."""
+    return bool(heads) and module.split(".", 1)[0].endswith(heads)
 
 
 def _drift(module: str, base: BaseModel, ctx: Context) -> tuple[str, Severity]:
@@ -201,7 +219,7 @@ def _drift(module: str, base: BaseModel, ctx: Context) -> tuple[str, Severity]:
                 return _vlm_drift(src, dst, dst + module[len(src):], ctx)
     layout = facts["moe"]["layouts"].get(family_of(base.model_type) or "")
     if layout:
-        per_expert = re.escape(layout["per_expert"]).replace(r"\{e\}", r"\d+")
+        per_expert = expert_regex(layout["per_expert"])
         if re.search(per_expert, module + "."):
             fused = re.sub(per_expert + r".*$", layout["fused"], module + ".").rstrip(".")
             if fused in base.modules:

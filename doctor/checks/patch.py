@@ -47,4 +47,13 @@ REENTRANT = Check(
 UNSUPPORTED = Check(
     "ADC909", CAT, Severity.INFO, "No patched implementation for this architecture",
     "adapter-doctor's runtime has no spec for this model type; the model runs as its library defines it.")
-register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED)
+PACKED = Check(
+    "ADC910", CAT, Severity.ERROR, "A packed batch would attend across its documents",
+    "The batch holds several documents in a row (position_ids that restart, or cu_seq_lens), but an attention "
+    "module would let each token see the documents before its own: transformers' SDPA and eager attention keep "
+    "documents apart only when the batch has no attention mask and the forward builds no cache, flash-attention "
+    "only without an attention mask. Training runs, and the loss and gradients are silently wrong. Also reported: "
+    "labels that make a document's last token predict the next document's first.",
+    manual="Call adapter_doctor.ensure_patched(model), or pass use_cache=False and no attention_mask; label each "
+    "document's first token -100.")
+register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED, PACKED)

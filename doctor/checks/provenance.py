@@ -5,6 +5,7 @@ from typing import Iterator
 
 from ..finding import Finding, Severity
 from ..knowledge import parse_version
+from ..provenance import Provenance, base_fields, fingerprint
 from . import Check, Context, register, runner
 
 MISMATCH = Check(
@@ -34,8 +35,6 @@ register(MISMATCH, CONTEXT, MAJOR, SAVED_BY, UNSLOTH)
 
 @runner
 def check(ctx: Context) -> Iterator[Finding]:
-    from adapter_doctor.runtime.provenance import Provenance, base_fields, fingerprint  # torch-free
-
     auto = (ctx.artifact.config or {}).get("auto_mapping")
     if isinstance(auto, dict) and auto.get("unsloth_fixed"):
         yield UNSLOTH.finding("auto_mapping.unsloth_fixed is true", ctx.config_file("auto_mapping"))

@@ -27,7 +27,8 @@ ZERO_B = Check(
 FP32 = Check(
     "ADC704", CAT, Severity.INFO, "Stored in fp32",
     "The adapter is stored in fp32. bf16 halves the file and is what mixed-precision training computes in; PEFT "
-    "upcasts adapter weights to fp32 on load anyway.", fixer="cast-dtype")
+    "upcasts adapter weights to fp32 on load anyway.", fixer="cast-dtype",
+    manual="doctor fix --only ADC704 --dtype bf16")  # the cast is opt-in: the hint names the dtype
 register(EMPTY, NONFINITE, ZERO_B, FP32)
 
 

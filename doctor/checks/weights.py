@@ -1,10 +1,12 @@
 """weights-missing, weights-corrupt, weights-unsafe: is there a weights file, is it intact, is it safe to load?"""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 from ..artifact import WeightsFile
 from ..finding import Finding, Fix, Severity, sample
+from ..peft_load import safetensors_strands
 from ..tensor_data import TensorDataError, tensor_digests
 from . import Check, Context, register, runner
 
@@ -49,12 +51,18 @@ REFUSED = Check(
     "archive, pickles besides data.pkl, or a zip whose members another reader resolves differently (names that "
     "differ only in case, duplicates, several top folders, local headers that disagree with the central directory).",
     manual="Delete it; do not load it. Ask for the weights as safetensors.")
+NO_TENSORS = Check(
+    "ADC404", "weights-missing", Severity.ERROR, "The weights file holds no tensors",
+    "A valid safetensors file whose header lists no tensors (`{}`, or only `__metadata__`). PEFT loads it without an "
+    "error: every LoRA layer keeps lora_B = 0 (PEFT 0.14+ only warns `Found missing adapter keys`), so the adapter "
+    "is a no-op. Usually the save ran before training, on the wrong model object, or under ZeRO-3 without gathering.",
+    manual="Re-save the adapter from the trained model.")
 PICKLE = Check(
     "ADC423", "weights-unsafe", Severity.WARNING, "Weights are a pickle (.bin), not safetensors",
     "The opcode scan passed: the file holds only tensors. Pickles still need torch to read, load slower, and cannot "
     "be checked by safetensors tooling; transformers refuses them on torch < 2.6 (CVE-2025-32434).",
     fixer="pickle-to-safetensors")
-register(NONE, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN_GLOBALS, REFUSED, PICKLE)
+register(NONE, NO_TENSORS, LFS, PLACEHOLDER, CORRUPT, BAD_PICKLE, DIFFER, DANGEROUS, UNKNOWN_GLOBALS, REFUSED, PICKLE)
 
 
 @runner
@@ -66,11 +74,31 @@ def check(ctx: Context) -> Iterator[Finding]:
         yield NONE.finding(f"no adapter_model.safetensors or adapter_model.bin in {art.root}", str(art.root))
         return
     pair = {wf.path.suffix: wf for wf in art.weights}
+    if ctx.peft_type is not None:
+        yield from _no_tensors(ctx, pair.get(".safetensors"))
     for wf in art.weights:
         # PEFT loads the safetensors twin when both exist; the .bin then matters only if unsafe or different.
-        yield from _file_findings(wf, shadowed=wf.path.suffix != ".safetensors" and ".safetensors" in pair)
+        for f in _file_findings(wf, shadowed=wf.path.suffix != ".safetensors" and ".safetensors" in pair):
+            yield _kept_bin(ctx, f) if f.id == PICKLE.id else f
     if ".safetensors" in pair and ".bin" in pair:
         yield from _compare(ctx, pair[".safetensors"], pair[".bin"])
+
+
+def _no_tensors(ctx: Context, wf: WeightsFile | None) -> Iterator[Finding]:
+    if wf is None or wf.format != "safetensors" or wf.problem or wf.header is None or wf.header.tensors:
+        return
+    config = ctx.artifact.config or {}
+    targets = [config.get(k) for k in ("target_modules", "target_parameters", "modules_to_save")]
+    named = sum(len(t) if isinstance(t, list) else 1 for t in targets if t)
+    what = f"the config selects {named} module name(s)" if named else f"the config is a {ctx.peft_type} adapter"
+    yield NO_TENSORS.finding(f"{wf.path.name} ({wf.size:,} bytes) has an empty tensor index, but {what}: PEFT loads "
+                             "nothing, and the adapter does nothing", str(wf.path))
+
+
+def _kept_bin(ctx: Context, f: Finding) -> Finding:
+    # The conversion is not offered where it would leave no PEFT release that loads the adapter.
+    stranded = safetensors_strands(ctx.artifact.config or {}, ctx.peft_type, ctx.target_release)
+    return replace(f, fix=Fix(None, f"Keep the .bin: {stranded}")) if stranded else f
 
 
 def _file_findings(wf: WeightsFile, shadowed: bool) -> Iterator[Finding]:

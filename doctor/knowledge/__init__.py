@@ -42,6 +42,15 @@ class Release:
     value_warnings: dict = field(default_factory=dict, compare=False)  # peft_type -> [{field, op, value, message}]
     dispatches: bool = True  # PeftConfig.from_pretrained builds the peft_type's own class (0.5+)
     filters_by_caller: bool = False  # 0.14.0 drops unknown keys by the calling class's fields (PeftConfig's)
+    reads_safetensors: bool = True  # loads adapter_model.safetensors (0.4+); before, only adapter_model.bin
+    modules_to_save_match: str = "suffix"  # module name endswith an entry (0.3+); "substring" of a parameter name before
+    lora_init_values: dict | None = field(default=None, compare=False)  # init_lora_weights strings LoRA acts on
+
+    def understands_init(self, value: str) -> bool:
+        """Does LoRA in this release act on init_lora_weights=`value` (not raise, not read it as plain True)?"""
+        known = self.lora_init_values or {}
+        return value in known.get("equals", ()) or value.lower() in known.get("equals", ()) \
+            or value.startswith(tuple(known.get("prefixes", ())))
 
     @property
     def parsed(self) -> Version:
@@ -55,7 +64,8 @@ class PeftTable:
             Release(r["version"], r.get("date", ""), r["unknown_keys"], bool(r.get("task_type_validated")),
                     r.get("peft_type_required"), tuple(r.get("peft_types", ())), tuple(r.get("task_types", ())),
                     r.get("value_warnings", {}), r.get("dispatches_on_peft_type", True),
-                    r.get("unknown_keys_filter") == "caller")
+                    r.get("unknown_keys_filter") == "caller", r.get("reads_safetensors", True),
+                    r.get("modules_to_save_match") or "suffix", r.get("lora_init_values"))
             for r in data["releases"] if r.get("unknown_keys")
         ]
         self.releases.sort(key=lambda r: r.parsed)
@@ -112,6 +122,9 @@ class PeftTable:
     def last_release_with(self, peft_type: str, field: str) -> Release | None:
         spans = self.configs.get(peft_type, {}).get("fields", {}).get(field)
         return next((r for r in reversed(self.releases) if self._span_at(spans, r)), None) if spans else None
+
+    def first_reading_safetensors(self) -> Release | None:
+        return next((r for r in self.releases if r.reads_safetensors), None)
 
     def releases_with_peft_type(self, peft_type: str) -> list[Release]:
         return [r for r in self.releases if peft_type in r.peft_types]

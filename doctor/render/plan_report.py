@@ -16,7 +16,7 @@ def render_plan(plan) -> RenderableType:
         return Group(title, Text("  ✓ nothing to fix", style="green"))
     parts: list[RenderableType] = [title]
     for edit in plan.edits:
-        before, after = (_show(edit.before), _show(edit.after))
+        before, after = edit.shown()
         parts.append(Text.assemble("  ", (edit.finding, "dim"), f" {edit.key}: {before} -> {after}", (f"  ({edit.reason})", "dim")))
     if plan.edits:
         parts.append(_diff(plan))
@@ -27,12 +27,6 @@ def render_plan(plan) -> RenderableType:
     for refusal in plan.refusals:
         parts.append(Text.assemble("  ", ("refused ", "bold red"), (refusal.finding, "dim"), f" {refusal.reason}"))
     return Group(*parts)
-
-
-def _show(value: object) -> str:
-    from adapter_doctor.fixers.plan import ABSENT
-
-    return "(absent)" if value is ABSENT else repr(value)
 
 
 def _diff(plan) -> Text:
@@ -49,7 +43,8 @@ def _diff(plan) -> Text:
 def _changes(plan) -> Table:
     table = Table("finding", "change", "from", "to", box=None, pad_edge=False, padding=(0, 1))
     for change in plan.changes[:MAX_ROWS]:
-        table.add_row(change.finding, change.what, change.before, change.after)
+        # Text, not markup: tensor names and notes may hold brackets ("adapter-doctor[torch]", "layers[0]").
+        table.add_row(*(Text(cell) for cell in (change.finding, change.what, change.before, change.after)))
     if len(plan.changes) > MAX_ROWS:
         table.add_row("", f"... {len(plan.changes) - MAX_ROWS} more", "", "")
     return table

@@ -29,7 +29,10 @@ def fix_hint(finding: Finding, target: str) -> str | None:
     if finding.fix is None:
         return None
     if finding.fix.fixer:
-        return f"doctor fix {shlex.quote(target)} --only {finding.id}"
+        command = f"doctor fix {shlex.quote(target)} --only {finding.id}"
+        # Options a fixer cannot act without (--dtype, --set-base) follow the id in the description.
+        rest = finding.fix.description.removeprefix(f"doctor fix --only {finding.id}")
+        return command + rest if rest != finding.fix.description else command
     return finding.fix.description
 
 

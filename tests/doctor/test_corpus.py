@@ -51,3 +51,14 @@ def test_prediction_matches_the_real_release(name, version):
             assert prediction.error.split(":")[0] == actual["error"].split(":")[0], (step, prediction.error, actual["error"])
         else:
             assert sorted(prediction.dropped) == sorted(actual["dropped"]), (step, prediction, actual)
+
+
+LOADED = [(n, v) for n, v in CASES if TRUTH["results"][n][v]["typed"]["status"] in ("loads", "warns")]
+
+
+@pytest.mark.parametrize("name, version", LOADED, ids=[f"{n.rsplit('/', 1)[-1]}@{v}" for n, v in LOADED])
+def test_no_config_value_error_where_the_real_release_loads(name, version):
+    # e.g. `"revision": null` under PEFT 0.4-0.6, which declare `revision: str = None` and write that null
+    bad = [f for f in check(DATA / name, target_peft=version, target_transformers="4.57.6")
+           if f.category == "config-invalid" and f.severity.value == "error"]
+    assert not bad, bad

@@ -1,6 +1,8 @@
 """inspect_model on live models: foreign patches, frozen adapters, dtypes, checkpointing, unsupported types."""
-import torch
-import transformers
+import pytest
+
+torch = pytest.importorskip("torch", reason="live models need torch, transformers and PEFT (the [torch] extra)")
+import transformers  # noqa: E402
 from adapter_doctor import ensure_patched, inspect_model
 from adapter_doctor.cli import main
 from click.testing import CliRunner

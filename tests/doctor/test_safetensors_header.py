@@ -22,6 +22,22 @@ def test_reads_a_file_written_by_the_reference_library(tmp_path):
     assert path.read_bytes()[a.begin:a.end] == arrays["a"].tobytes()
 
 
+def test_unsigned_view_is_as_wide_as_an_element():
+    from adapter_doctor.safetensors_header import DTYPE_BITS, unsigned_view
+
+    for dtype, bits in DTYPE_BITS.items():
+        view = unsigned_view(dtype)
+        if bits % 8:
+            assert view is None, dtype  # F4, F6_*: no whole-byte element to view
+        else:
+            assert np.dtype(view).kind == "u" and np.dtype(view).itemsize * 8 == bits, dtype
+            assert np.dtype(view).byteorder in "<|=", dtype  # the file's little-endian order
+    assert unsigned_view("F17") is None
+    # A bit pattern survives the view untouched, NaN payload included.
+    nan = b"\x01\x00\xc0\x7f"
+    assert np.frombuffer(nan, unsigned_view("F32")).tobytes() == nan
+
+
 def _code(raw: bytes) -> str:
     with pytest.raises(HeaderError) as info:
         (n,) = struct.unpack("<Q", raw[:8])

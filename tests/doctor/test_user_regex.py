@@ -2,7 +2,7 @@ import re
 import time
 
 import pytest
-from adapter_doctor.user_regex import RANK_FORM, Matcher, pathological, paths
+from adapter_doctor.user_regex import RANK_FORM, Matcher, pathological, pathological_keys, paths
 
 CATASTROPHIC = ["(a*)*b", "(a+)+$", "(a|a)*x", "(a|aa)*b", "(x+x+)+y", "(\\w+)*$", "(.*a){20}", "((ab)*)*c",
                 "(?:a?){40}a{40}", ".*a.*a.*a.*a.*a.*b"]
@@ -65,3 +65,12 @@ def test_one_budget_for_all_the_matches_of_an_adapter():
 def test_an_invalid_pattern_raises_as_it_does_in_peft():
     with pytest.raises(re.error):
         Matcher().fullmatch("(unclosed", "x")
+
+
+def test_pathological_keys_are_those_peft_would_run_unbounded():
+    keys = {"q_proj": 8, r"layers\.0\.(q|v)_proj": 4, "(a*)*b": 2, "(x+)+y": 2, 3: 1}
+    bad = pathological_keys(keys)
+    assert [k for k, _ in bad] == ["(a*)*b", "(x+)+y"]  # plain names and bounded regexes pass; a non-str is no key
+    assert all("exponential" in why for _, why in bad)
+    assert pathological_keys(keys, limit=2) == bad[:1]  # of the first 2 keys with regex syntax
+    assert pathological_keys(None) == pathological_keys(["(a*)*b"]) == []

@@ -170,14 +170,14 @@ def test_shared_cache_blob_is_not_rewritten_without_out(tmp_path):
 def test_a_concurrent_write_during_planning_is_not_lost(tmp_path, monkeypatch):
     root = make(tmp_path, "plain")
     config = root / "adapter_config.json"
-    real = planner_module.run_checks
+    real = planner_module.findings_of
 
     def meddling(check):
         found = real(check)
         config.write_text(config.read_text().replace('"r"', '"r" ', 1))  # someone saves while we plan
         return found
 
-    monkeypatch.setattr(planner_module, "run_checks", meddling)
+    monkeypatch.setattr(planner_module, "findings_of", meddling)
     p = plan(root)
     monkeypatch.undo()
     expected = every_file(tmp_path)

@@ -340,7 +340,30 @@ def test_router_adapter_converted_to_fused_loads_like_peft_converts_it(tmp_path)
 
 
 def test_a_pathological_rank_pattern_is_refused_not_run():
-    from adapter_doctor.fixers.moe_layout import LayoutRefusal, _Job
+    from adapter_doctor.fixers.moe_layout import LayoutRefusal, expert_layout
 
     with pytest.raises(LayoutRefusal, match=r"rank_pattern key '\(a\*\)\*b'.*not run"):
-        _Job({"peft_type": "LORA", "rank_pattern": {"(a*)*b": 4}}, {"model_type": "qwen3_moe"})
+        expert_layout({"peft_type": "LORA", "rank_pattern": {"(a*)*b": 4}}, {"model_type": "qwen3_moe"})
+
+
+@pytest.mark.parametrize("base", [MIXTRAL, QWEN])
+def test_the_layout_takes_its_sizes_and_names_from_the_base_facts(base):
+    from adapter_doctor.base_model import expert_dims, expert_regex
+    from adapter_doctor.fixers.moe_layout import expert_layout
+
+    layout = expert_layout({"peft_type": "LORA"}, base_config(base))
+    assert (layout.experts, layout.hidden, layout.intermediate) == expert_dims(base_config(base))
+    assert layout.expert_regex(r"\d+") == expert_regex(layout.per_expert)
+    assert re.fullmatch(layout.expert_regex(r"(\d+)"), layout.per_expert.format(e=11)).group(1) == "11"
+    sizes = {k: v for k, v in base_config(base).items() if k != "num_local_experts"}
+    with pytest.raises(LayoutRefusal, match="number of experts"):
+        expert_layout({"peft_type": "LORA"}, sizes)
+
+
+def test_a_pathological_alpha_pattern_is_refused_and_plain_keys_pass():
+    from adapter_doctor.fixers.moe_layout import expert_layout
+
+    with pytest.raises(LayoutRefusal, match=r"alpha_pattern key '\(x\+\)\+y'.*not run"):
+        expert_layout({"peft_type": "LORA", "alpha_pattern": {"w1": 4, "(x+)+y": 4}}, base_config(MIXTRAL))
+    assert expert_layout({"peft_type": "LORA", "rank_pattern": {"w1": 4, r"experts\.0\.w2": 8}},
+                         base_config(MIXTRAL)).experts == 4

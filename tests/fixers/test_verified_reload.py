@@ -1,6 +1,7 @@
 """Every fixable broken fixture, once fixed, loads in real PEFT as the healthy adapter it came from."""
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="reloading fixed adapters needs torch, transformers and PEFT (the [torch] extra)")
 from adapter_doctor.fixers import FixOptions, apply, plan
 from conftest import FIXTURES, broken, healthy, peft_logits
 

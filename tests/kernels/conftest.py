@@ -1,10 +1,8 @@
 """Where the Triton kernels run in these tests, and the helpers their tests share.
 
-Without a CUDA device the kernels run under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. The
-variable is read when a kernel is first jitted, which `adapter_doctor.kernels` defers to the first launch, so
-setting it here is early enough for our kernels even when transformers has imported triton already (triton's
-own helpers are swapped below for that case). It changes nothing for tests that launch no kernel. With a CUDA
-device the same tests run the compiled kernels on the GPU.
+Without a CUDA device the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by the root conftest
+before anything imports triton) on CPU tensors. With a CUDA device the same tests run the compiled kernels on
+the GPU.
 
 Triton defines an fp32 -> bf16 conversion (a cast, or a store into a bf16 tensor) as rounding to nearest even,
 which the GPU does; the interpreter truncates instead. `_round_like_the_gpu` makes the interpreter round, so
@@ -12,8 +10,6 @@ that the CPU tests check the values the GPU produces, and bf16 tolerances need n
 """
 from __future__ import annotations
 
-import os
-import sys
 from contextlib import contextmanager
 
 import pytest
@@ -41,31 +37,7 @@ def _round_like_the_gpu() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
-def _interpret_triton_language() -> None:
-    """triton.jit chooses between compiling and interpreting when a function is defined, so triton.language's
-    own jit helpers (tl.sum, tl.max, tl.zeros, ...) stay compiled ones when triton was imported before the
-    variable was set: in a whole-suite run, collecting other tests imports transformers, which imports triton.
-    Swap them for interpreted ones, one per helper wherever it is re-exported (the interpreter recognises
-    tl.sum's combine function by identity)."""
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        return
-    swapped: dict[int, tuple[JITFunction, InterpretedFunction]] = {}  # by id: hashing one walks its dependencies
-    holders = [module for name, module in list(sys.modules.items()) if name.startswith("triton.language")]
-    for holder in [*holders, tl.core.tensor]:
-        for name, value in list(vars(holder).items()):
-            if isinstance(value, JITFunction):
-                if id(value) not in swapped:
-                    swapped[id(value)] = (value, InterpretedFunction(value.fn))  # the original kept alive
-                setattr(holder, name, swapped[id(value)][1])
-
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    _interpret_triton_language()
+if not torch.cuda.is_available():  # the root conftest set TRITON_INTERPRET before triton was imported
     _round_like_the_gpu()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

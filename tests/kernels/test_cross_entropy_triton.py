@@ -8,6 +8,9 @@ them on both sides and the softmax is fp32 on both; the gradient w.r.t. the logi
 its GEMM on both sides too, so the difference is the order of those roundings: 1e-3 on the loss, 1e-2 relative
 in norm on gradients.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 from adapter_doctor.kernels import TORCH
@@ -163,6 +166,14 @@ def test_a_second_backward_is_refused(device):
 
 
 def test_labels_outside_the_vocabulary_raise(device):
+    if device == "cuda":  # a device-side assert ends the CUDA context: see it fail in a process of its own
+        code = ("import torch; from adapter_doctor.kernels.cross_entropy import linear_cross_entropy_triton as f\n"
+                "h, w = torch.randn(8, 16, device='cuda'), torch.randn(32, 16, device='cuda')\n"
+                "labels = torch.zeros(8, dtype=torch.long, device='cuda'); labels[3] = 32\n"
+                "f(h, w, labels); torch.cuda.synchronize()")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode != 0 and "outside the vocabulary" in result.stderr
+        return
     hidden, weight, labels = problem(device, torch.float32)
     labels[3] = V
     with pytest.raises(RuntimeError, match="outside the vocabulary"):

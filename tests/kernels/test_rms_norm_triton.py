@@ -119,7 +119,8 @@ def test_in_place_backward_through_autograd_is_correct(device):
         xx = x.clone().requires_grad_()
         (fn(xx, w, 1e-6) @ proj).square().sum().backward()
         grads.append(xx.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    atol = 5e-5 if device == "cuda" else 1e-5  # the GPU contracts multiply-adds (FMA): a few ulps of a sum of 29
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=atol)
 
 
 def test_default_keeps_dy_intact_for_a_residual_branch(device):

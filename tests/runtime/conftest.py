@@ -13,9 +13,14 @@ ARCHS = {
     "gemma": ("GemmaConfig", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
                                 "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    # fused qkv_proj and gate_up_proj; half the head rotates (Phi-4-mini rotates three quarters)
+    "phi3": ("Phi3Config", {"sliding_window": 8, "partial_rotary_factor": 0.5, "pad_token_id": 0,
+                            "eos_token_id": 2}),
 }
 NO_SDPA = {"gemma2"}  # softcapping: transformers runs it eager only
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
 
 
 class Tiny:

@@ -79,3 +79,16 @@ def test_mlp_with_an_activation_no_kernel_computes_is_left_alone(tiny):
     assert report.counts["LlamaMLP"] == {"skipped": 2} and report.counts["LlamaAttention"] == {"patched": 2}
     got = tiny.run(model, ids)
     assert tiny.rel(got[0], expected[0]) <= 1e-5
+
+
+def test_each_projections_eligibility_is_read_once_per_patch(tiny, monkeypatch):
+    from adapter_doctor.runtime import eligibility
+
+    model = tiny.lora(tiny.base(), lora_dropout=0.1)
+    asked = []
+    why_not_fused = eligibility.why_not_fused
+    monkeypatch.setattr(eligibility, "why_not_fused", lambda module: asked.append(module) or why_not_fused(module))
+    report = ensure_patched(model)
+    assert len(report.projections) == 7 * 2 and len(asked) == len(report.projections)
+    assert [(f.path, f.reason) for f in report.fallbacks] == [(p.path, p.reason) for p in report.projections]
+    assert {p.path_taken for p in report.projections} == {"fallback"}

@@ -116,11 +116,11 @@ def test_the_fused_kernels_are_the_ones_that_run(tiny, arch):
     assert report.kernels == "counting"
     model(input_ids=tiny.batch())
     layers = model.get_base_model().config.num_hidden_layers
-    norms_per_layer = 4 if arch == "gemma2" else 2
+    norms_per_layer = 4 if arch in ("gemma2", "gemma3_text") else 2
     assert calls["lora_multi_linear"] == 2 * layers  # q/k/v and gate/up, each group reading x once
     assert calls["lora_linear"] == 2 * layers  # o and down
     assert calls["rope"] == layers
-    assert calls["rms_norm"] == norms_per_layer * layers + 1 + (2 * layers if arch == "qwen3" else 0)
+    assert calls["rms_norm"] == norms_per_layer * layers + 1 + (2 * layers if arch in ("qwen3", "gemma3_text") else 0)
     activation = "geglu" if arch.startswith("gemma") else "swiglu"
     assert calls[activation] == layers
     unpatch(model)

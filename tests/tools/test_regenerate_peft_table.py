@@ -508,3 +508,53 @@ def test_peft_and_task_types(table):
     assert every == set(table["configs"])
     for release in table["releases"]:
         assert "LORA" in release["peft_types"]
+
+
+# --- modules_to_save matching and init_lora_weights values ----------------------------------------------
+
+SUFFIX_RULE = """
+def _set_trainable(model, adapter_name, module_names):
+    for key in [k for k, _ in model.named_modules()]:
+        if any(key.endswith(target_key) for target_key in module_names):
+            pass
+"""
+SUBSTRING_RULE = """
+def _set_trainable(model):
+    for name, param in model.named_parameters():
+        if any(module_name in name for module_name in model.modules_to_save):
+            param.requires_grad = True
+"""
+
+
+@pytest.mark.parametrize("source, rule", [(SUFFIX_RULE, "suffix"), (SUBSTRING_RULE, "substring"), ("x = 1\n", None)])
+def test_modules_to_save_rule(source, rule):
+    assert regen.modules_to_save_match(make_tree({"peft/utils/other.py": source})) == rule
+
+
+def test_lora_init_values_from_the_layer_code():
+    layer = """
+    class LoraLayer:
+        def update_layer(self, adapter_name, init_lora_weights):
+            if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+                pass
+            elif init_lora_weights == "lora_ga":
+                pass
+            elif init_lora_weights.lower() == "olora":
+                pass
+        def reset_lora_parameters(self, adapter_name, init_lora_weights):
+            if init_lora_weights is True:
+                pass
+            else:
+                raise ValueError(f"Unknown initialization {init_lora_weights=}")
+    """
+    tree = make_tree({"peft/tuners/lora/__init__.py": "", "peft/tuners/lora/layer.py": layer})
+    assert regen.lora_init_values(tree) == {"equals": ["lora_ga", "olora"], "prefixes": ["pissa"], "other_strings": "raise"}
+
+
+def test_committed_table_has_the_matching_rules():
+    table = json.loads(TABLE_PATH.read_text())
+    by_version = {r["version"]: r for r in table["releases"]}
+    assert by_version["0.2.0"]["modules_to_save_match"] == "substring"
+    assert all(r["modules_to_save_match"] == "suffix" for r in table["releases"] if Version(r["version"]) >= Version("0.3.0"))
+    assert "lora_ga" in by_version["0.19.0"]["lora_init_values"]["equals"]
+    assert "lora_ga" not in by_version["0.18.1"]["lora_init_values"]["equals"]

@@ -100,3 +100,19 @@ def test_unsloth_saved_adapters_are_named():
     (finding,) = _by_id(check(broken("config-unsloth-trimmed")))["ADC312"]
     assert finding.severity is Severity.INFO and "unsloth_fixed" in finding.message
     assert "ADC312" not in _by_id(check(healthy("llama-lora")))
+
+
+def test_an_init_effect_the_table_names_and_the_check_does_not_word_is_still_reported(tmp_path, monkeypatch):
+    from adapter_doctor.checks.config_version import UNKNOWN_EFFECT
+    from adapter_doctor.knowledge import peft_table
+
+    adapter = tmp_path / "a"
+    shutil.copytree(healthy("llama-lora"), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "lora_ga"}))
+    (known,) = [f for f in _by_id(check(adapter, target_peft="0.18.1"))["ADC202"] if "init_lora_weights" in f.message]
+    assert "raises `ValueError: Unknown initialization`" in known.message and "added; PEFT 0.18.1" in known.message
+    # A regenerated table may name another effect: the finding words it generically instead of crashing (ADC000).
+    monkeypatch.setitem(peft_table().resolve("0.18.1").lora_init_values, "other_strings", "warn")
+    (other,) = [f for f in _by_id(check(adapter, target_peft="0.18.1"))["ADC202"] if "init_lora_weights" in f.message]
+    assert f"PEFT 0.18.1 {UNKNOWN_EFFECT}." in other.message and "PEFT 0.19.0 added" in other.message

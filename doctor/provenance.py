@@ -2,7 +2,8 @@
 
 It lives in the safetensors header's `__metadata__` (a string-to-string map), never in
 adapter_config.json, where a new key would make PEFT < 0.14 raise TypeError. This module needs no torch:
-the doctor reads it back when it checks files.
+the doctor reads it back when it checks files. It imports nothing of ours, so that the runtime, which writes it,
+and the checks, which read it, share one format without importing each other.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ FINGERPRINT_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hid
 
 
 def runtime_version() -> str:
-    """This package's version, from its installed metadata (the runtime does not import the doctor)."""
+    """This package's version, from its installed metadata (read here, not from the package root, so that
+    importing this module runs nothing else of ours)."""
     from importlib import metadata
 
     return metadata.version("adapter-doctor")
@@ -27,7 +29,8 @@ def runtime_version() -> str:
 
 def base_fields(config: dict) -> dict:
     """The fingerprinted fields of a (possibly multimodal) config, from its text config where it has one."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nested = config.get("text_config")
+    text = nested if isinstance(nested, dict) else config
     return {k: text[k] for k in FINGERPRINT_FIELDS if k in text and text[k] is not None}
 
 

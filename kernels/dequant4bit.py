@@ -1,0 +1,317 @@
+"""4-bit weights (bitsandbytes' nf4/fp4 layout) and LoRA linear on them: dequantize, base GEMM, low-rank update.
+
+The layout, as bitsandbytes' `quantize_4bit` writes it: the weight [out, in] is flattened row-major; element i
+is stored in byte i // 2, the even element in the high nibble and the odd one in the low nibble (an odd count
+leaves the last low nibble as padding). A nibble indexes `code`, a 16-entry fp32 table (NormalFloat4 quantiles
+or the fp4 values, both scaled to [-1, 1]). Elements are grouped in blocks of `blocksize` consecutive flat
+indices, and each block's scale is `absmax[block]`: value = code[nibble] · absmax[block], in fp32, then rounded
+to the compute dtype. Double quantization ("nested") stores absmax itself as uint8 indices into a 256-entry
+table, in blocks of `nested_blocksize` with fp32 scales, minus the mean that `offset` adds back:
+absmax[b] = nested_code[q[b]] · nested_absmax[b // nested_blocksize] + offset.
+
+The LoRA Function dequantizes each base weight into one transient buffer per call, runs the cuBLAS GEMMs of the
+bf16 path on it, and lets it go: the backward dequantizes again for dX = dY·W, so no dequantized weight is kept
+between forward and backward, or across layers. That costs one dequantization pass per GEMM use (memory-bound,
+a few percent of a layer's GEMM time at training batch sizes), against a GEMM with dequantization fused into its
+operand load, which cuBLAS cannot do. The base GEMMs run in the layer's compute dtype (x cast to it, the
+output cast back), as the base's own matmul does; the low-rank term runs in x's dtype, so that an fp32 residual
+stream (prepare_model_for_kbit_training's) keeps PEFT's fp32 adapter arithmetic. Adapter gradients accumulate in
+fp32.
+
+The kernels know nothing of PEFT or bitsandbytes: they take `Packed4bit` and `Lora4bitParts` of plain tensors
+and ints; `runtime/eligibility.py` reads them out of the layers.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+from ._triton import autocast_on, jit, lazy_functions, on_triton
+from .lora_linear import mm_fp32
+
+if TYPE_CHECKING:
+    import torch
+
+tl: Any = None  # triton.language, bound at the first launch
+
+BLOCK_BYTES = 1024  # packed bytes per program: 2,048 outputs
+
+
+class Packed4bit(NamedTuple):
+    data: torch.Tensor  # packed bytes, any shape and storage dtype (viewed as uint8), ceil(n / 2) of them
+    absmax: torch.Tensor  # [blocks] fp32 scales, or uint8 indices into nested_code when nested
+    code: torch.Tensor  # [16] fp32
+    blocksize: int
+    shape: tuple[int, int]  # (out, in)
+    nested_absmax: torch.Tensor | None = None  # [ceil(blocks / nested_blocksize)] fp32
+    nested_code: torch.Tensor | None = None  # [256] fp32
+    nested_blocksize: int = 0
+    offset: torch.Tensor | None = None  # 0-dim fp32, added to every dequantized absmax
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+class Lora4bitParts(NamedTuple):
+    weight: Packed4bit
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r]
+    scaling: float
+    compute_dtype: torch.dtype | None = None  # the base's matmul dtype; None: the input's
+
+
+def absmax_reference(w: Packed4bit) -> torch.Tensor:
+    """The fp32 scale of every block, undoing the double quantization where there is one."""
+    if not w.nested:
+        return w.absmax.float()
+    scales = w.nested_absmax.float().repeat_interleave(w.nested_blocksize)[:w.absmax.numel()]
+    return w.nested_code.float()[w.absmax.long()] * scales + w.offset.float()
+
+
+def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight in `dtype`, from the format's definition (module docstring)."""
+    import torch
+
+    n = math.prod(w.shape)
+    flat = w.data.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack((flat >> 4, flat & 15), dim=-1).reshape(-1)[:n]
+    scales = absmax_reference(w).repeat_interleave(w.blocksize)[:n]
+    return (w.code.float()[nibbles.long()] * scales).to(dtype).reshape(w.shape)
+
+
+@jit
+def _dequant4bit_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+                        n, blocksize, nested_blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: BLOCK packed bytes -> 2·BLOCK consecutive outputs. blocksize is even, so both nibbles of a
+    # byte share their block's scale.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    byte = start + tl.arange(0, BLOCK)
+    live = byte * 2 < n
+    packed = tl.load(data_ptr + byte, mask=live, other=0).to(tl.int32)
+    block = (byte * 2) // blocksize
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // nested_blocksize, mask=live,
+                                                       other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4)) * scale
+    low = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))  # element 2i from the high nibble, 2i + 1 the low
+    index = start * 2 + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+
+
+def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [out, in] weight in `dtype` through the Triton kernel; written into `out` (contiguous, at least
+    out·in elements, of `dtype`) when given, which is then returned viewed as [out, in]."""
+    import torch
+
+    if w.blocksize % 2:
+        raise ValueError(f"blocksize {w.blocksize} is odd: a packed byte would straddle two blocks")
+    n = math.prod(w.shape)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=w.data.device)
+    elif out.dtype != dtype or out.numel() < n or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of the requested dtype with room for the weight")
+    flat = out.reshape(-1)
+    data = w.data.reshape(-1).view(torch.uint8)
+    nested = w.nested
+    dummy = w.absmax  # any tensor on the device for the pointers a non-nested launch does not read
+    grid = (-(-data.numel() // BLOCK_BYTES),)  # ceil: the last program's bytes are masked
+    # No fused multiply-add: the nested absmax is rounded after the product and after the offset, as
+    # bitsandbytes rounds it (the interpreter ignores the option).
+    _dequant4bit_kernel[grid](data, w.absmax, w.code, w.nested_absmax if nested else dummy,
+                              w.nested_code if nested else dummy, w.offset if nested else dummy, flat, n,
+                              w.blocksize, w.nested_blocksize if nested else 1, NESTED=nested, BLOCK=BLOCK_BYTES,
+                              num_warps=4, enable_fp_fusion=False)
+    return flat[:n].view(w.shape)
+
+
+def dequantize_4bit(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [out, in] weight in `dtype`, by the Triton kernel on CUDA tensors and the reference elsewhere."""
+    if on_triton(w.data):
+        return dequantize_4bit_triton(w, dtype, out)
+    return dequantize_4bit_reference(w, dtype)
+
+
+def lora4bit_linear_reference(x: torch.Tensor, parts: Lora4bitParts) -> torch.Tensor:
+    """What PEFT's LoRA layer on a bitsandbytes Linear4bit computes: the base in its compute dtype (x cast to
+    it, the output cast back), then the low-rank term with x cast to A's dtype, cast to the base output's."""
+    import torch.nn.functional as F
+
+    w, bias, a, b, scaling, compute = parts
+    compute = compute or x.dtype
+    weight = dequantize_4bit_reference(w, compute)
+    out = F.linear(x.to(compute), weight, None if bias is None else bias.to(compute)).to(x.dtype)
+    low = F.linear(F.linear(x.to(a.dtype), a), b) * scaling
+    return out + low.to(out.dtype)
+
+
+def lora4bit_multi_linear_reference(x: torch.Tensor, parts_list: Sequence[Lora4bitParts]) -> list[torch.Tensor]:
+    return [lora4bit_linear_reference(x, p) for p in parts_list]
+
+
+def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any) -> torch.Tensor:
+    # One buffer the size of the group's largest weight, reused for each weight in turn and freed with the call.
+    import torch
+
+    return torch.empty(max(math.prod(p.weight.shape) for p in parts_list), dtype=dtype, device=device)
+
+
+def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
+                     compute: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(outputs in x's dtype, x·Aᵀ of every projection side by side): one GEMM with the A's stacked, then per
+    projection its weight dequantized into the scratch buffer, the base GEMM in the compute dtype (bias in its
+    epilogue) and the scaled low-rank product added by addmm in x's dtype."""
+    import torch
+
+    dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
+    xa = rows @ torch.cat([p.lora_a.to(dtype) for p in parts_list]).T
+    rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
+    scratch = _scratch(parts_list, compute, x.device)
+    outputs, col = [], 0
+    for p in parts_list:
+        rank = p.lora_a.shape[0]
+        weight = dequantize_4bit(p.weight, compute, scratch)
+        y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=compute, device=x.device)
+        flat = y.view(-1, y.shape[-1])
+        if p.bias is None:
+            torch.mm(rows_c, weight.T, out=flat)
+        else:
+            torch.addmm(p.bias.to(compute), rows_c, weight.T, out=flat)
+        if compute != dtype:  # the base's output comes back in the input's dtype, as Linear4bit returns it
+            y = y.to(dtype)
+            flat = y.view(-1, y.shape[-1])
+        flat.addmm_(xa[:, col:col + rank], p.lora_b.to(dtype).T, alpha=p.scaling)
+        outputs.append(y)
+        col += rank
+    return outputs, xa
+
+
+def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa: torch.Tensor,
+                      parts_list: Sequence[Lora4bitParts], compute: Any, need_x: bool,
+                      need: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dx rows, [db, dA, dB per projection]); `need` has three flags per projection in that order. dx sums
+    dY·W over the projections, each W dequantized again into one scratch buffer (the GEMM in the compute dtype,
+    summed in x's), plus (Σ s·dY·B)·A."""
+    import torch
+
+    dtype = rows.dtype
+    grads: list[torch.Tensor | None] = [None] * (3 * len(parts_list))
+    ranks = [p.lora_a.shape[0] for p in parts_list]
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    used = [i for i, dy in enumerate(dys) if dy is not None]
+    dxa = torch.zeros_like(xa)
+    dx, scratch = None, _scratch(parts_list, compute, rows.device) if need_x and used else None
+    for i in used:
+        dy, p, cols = dys[i], parts_list[i], slice(starts[i], starts[i] + ranks[i])
+        need_b, _, need_lora_b = need[3 * i:3 * i + 3]
+        dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
+        if need_lora_b:
+            grads[3 * i + 2] = mm_fp32(dy.T, xa[:, cols]).mul_(p.scaling).to(p.lora_b.dtype)
+        if need_b:
+            grads[3 * i] = dy.float().sum(0).to(p.bias.dtype)
+        if need_x:
+            weight = dequantize_4bit(p.weight, compute, scratch)
+            if compute == dtype:
+                dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
+            else:
+                part = mm_fp32(dy.to(compute), weight).to(dtype)
+                dx = part if dx is None else dx.add_(part)
+    if any(need[3 * i + 1] for i in used):
+        d_stacked = mm_fp32(dxa.T, rows)
+        for i in used:
+            if need[3 * i + 1]:
+                grads[3 * i + 1] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
+    if dx is not None:
+        dx.addmm_(dxa, torch.cat([p.lora_a.to(dtype) for p in parts_list]))
+    return dx, grads
+
+
+def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:
+    return x.new_zeros(()).expand(*x.shape[:-1], features)  # the output's shape at no memory cost
+
+
+@functools.cache
+def _lora4bit_function() -> type:
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class Lora4bitMultiLinearFunction(torch.autograd.Function):
+        """Several LoRA projections of one input on 4-bit bases: saves x and x·Aᵀ, never a dequantized W."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, packed: tuple[Packed4bit, ...], scalings: tuple[float, ...],
+                    compute: Any, values: bool, *tensors: Any) -> tuple[torch.Tensor, ...]:
+            parts_list = _parts(packed, tensors, scalings)
+            if values:
+                outputs, xa = lora4bit_forward(x, parts_list, compute)
+            else:  # a replay that needs only the backward: x·Aᵀ is all it reads
+                xa = x.reshape(-1, x.shape[-1]) @ torch.cat([p.lora_a.to(x.dtype) for p in parts_list]).T
+                outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
+            ctx.save_for_backward(x, xa, *tensors)
+            ctx.set_materialize_grads(False)
+            ctx.packed, ctx.scalings, ctx.compute = packed, scalings, compute  # the base's own tensors
+            return tuple(outputs)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, *dys: torch.Tensor) -> tuple[Any, ...]:
+            x, xa, *tensors = ctx.saved_tensors
+            parts_list = _parts(ctx.packed, tensors, ctx.scalings)
+            rows = x.reshape(-1, x.shape[-1])
+            dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+            dx, grads = lora4bit_backward(dys, rows, xa, parts_list, ctx.compute, ctx.needs_input_grad[0],
+                                          ctx.needs_input_grad[5:])
+            return (None if dx is None else dx.view(x.shape), None, None, None, None, *grads)
+
+    return Lora4bitMultiLinearFunction
+
+
+__getattr__ = lazy_functions(__name__, Lora4bitMultiLinearFunction=_lora4bit_function)
+
+
+def _parts(packed: Sequence[Packed4bit], tensors: Sequence[Any], scalings: Sequence[float]) -> list[Lora4bitParts]:
+    return [Lora4bitParts(w, *tensors[3 * i:3 * i + 3], s) for i, (w, s) in enumerate(zip(packed, scalings))]
+
+
+def lora4bit_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
+                                values: bool = True) -> list[torch.Tensor]:
+    """Several LoRA projections of `x` on 4-bit bases through one autograd Function: the base GEMMs in the
+    bases' compute dtype (x cast to it, the outputs cast back, as the base layer does), the low-rank term in
+    x's. The base weights are frozen; LoRA dropout must be 0. `values=False` gives zero-stride placeholders
+    whose backward is exact (see `lora_linear.lora_multi_linear_fused`)."""
+    if not parts_list:
+        return []
+    compute = {p.compute_dtype or x.dtype for p in parts_list}
+    if len(compute) != 1:
+        raise ValueError(f"projections of one input in several compute dtypes: {sorted(map(str, compute))}")
+    tensors = [t for p in parts_list for t in (p.bias, p.lora_a, p.lora_b)]
+    return list(_lora4bit_function().apply(x, tuple(p.weight for p in parts_list),
+                                           tuple(float(p.scaling) for p in parts_list), compute.pop(), values,
+                                           *tensors))
+
+
+def _fused_path(x: torch.Tensor, parts_list: Sequence[Lora4bitParts]) -> bool:
+    # The dequantization kernel runs on CUDA tensors; under autocast the reference follows autocast's dtypes.
+    return x.is_cuda and not autocast_on(x.device) and all(on_triton(p.weight.data) for p in parts_list)
+
+
+def lora4bit_multi_linear(x: torch.Tensor, parts_list: Sequence[Lora4bitParts]) -> list[torch.Tensor]:
+    """Several LoRA projections of `x` on 4-bit bases, by the fastest implementation for `x`'s device."""
+    if _fused_path(x, parts_list):
+        return lora4bit_multi_linear_fused(x, parts_list)
+    return lora4bit_multi_linear_reference(x, parts_list)
+
+
+def lora4bit_gradient_only(x: torch.Tensor, parts: Lora4bitParts) -> torch.Tensor | None:
+    """A placeholder for one projection whose value a recomputation does not need (no dequantization, no
+    GEMM until the backward); None where the fused Function cannot stand in."""
+    if not _fused_path(x, [parts]):
+        return None
+    return lora4bit_multi_linear_fused(x, [parts], values=False)[0]
