@@ -7,6 +7,7 @@ class, and the marker is readable from the class or any instance as `_adapter_do
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,12 @@ def patched_class(original: type, library: type, spec: Any, kernels: Any) -> typ
 
     forward.__qualname__ = f"{original.__qualname__}.forward"
     forward.__doc__ = impl.__doc__
+    # Callers read the forward's parameters: generation decides from them whether to pass logits_to_keep, the
+    # Trainer which dataset columns to keep. Ours takes what the library's takes, so it shows the library's.
+    try:
+        forward.__signature__ = inspect.signature(library.forward)
+    except (TypeError, ValueError):
+        pass
     namespace = {"forward": forward, "extra_repr": extra_repr, MARKER: marker, "__module__": __name__,
                  "__qualname__": original.__qualname__, "__doc__": original.__doc__}
     # The name stays the library's: error messages, _no_split_modules and output recording go by it.

@@ -150,3 +150,18 @@ def test_accelerate_hooks_keep_wrapping_the_patched_forward(tiny):
     unpatch(model)
     assert module_states(model) == before
     remove_hook_from_module(layer)
+
+
+def test_patched_forwards_show_the_library_signature(tiny):
+    # generation reads it to pass logits_to_keep, the Trainer to keep the dataset's columns
+    import inspect
+
+    model = tiny.lora(tiny.base())
+    body = model.get_base_model()
+    before = inspect.signature(body.forward)
+    ensure_patched(model)
+    assert type(body).forward is not type(body).__mro__[1].forward  # really ours now
+    assert inspect.signature(body.forward) == before
+    assert "logits_to_keep" in inspect.signature(body.forward).parameters
+    attn = body.model.layers[0].self_attn
+    assert list(inspect.signature(attn.forward).parameters)[:1] == ["hidden_states"]
