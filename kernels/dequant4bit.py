@@ -28,7 +28,7 @@ import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ._triton import autocast_on, jit, lazy_functions, on_triton
-from .lora_linear import mm_fp32
+from .lora_linear import lora_a_terms, mm_fp32
 
 if TYPE_CHECKING:
     import torch
@@ -223,14 +223,8 @@ def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa
             else:
                 part = mm_fp32(dy.to(compute), weight).to(dtype)
                 dx = part if dx is None else dx.add_(part)
-    if any(need[3 * i + 1] for i in used):
-        d_stacked = mm_fp32(dxa.T, rows)
-        for i in used:
-            if need[3 * i + 1]:
-                grads[3 * i + 1] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
-    if dx is not None:
-        dx.addmm_(dxa, torch.cat([p.lora_a.to(dtype) for p in parts_list]))
-    return dx, grads
+    return lora_a_terms(dx, dxa, rows, parts_list, used, [3 * i + 1 for i in range(len(parts_list))], need,
+                        grads), grads
 
 
 def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:

@@ -109,14 +109,28 @@ def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, 
             grads[4 * i + 1] = dy.sum(0).to(p.bias.dtype)
         if need_x:
             dx = dy @ p.weight if dx is None else dx.addmm_(dy, p.weight)
-    if any(need[4 * i + 2] for i in used):
+    return lora_a_terms(dx, dxa, rows, parts_list, used, [4 * i + 2 for i in range(len(parts_list))], need,
+                        grads), grads
+
+
+def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor, parts_list: Sequence[Any],
+                 used: Sequence[int], slots: Sequence[int], need: Sequence[bool],
+                 grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """What every multi-projection LoRA backward ends with, given d(x·Aᵀ) of all projections side by side in
+    `dxa`: each projection's dA (into `grads[slots[i]]`, where `need` asks) from one GEMM with x, and
+    dx += d(x·Aᵀ)·A over the stacked As."""
+    import torch
+
+    ranks = [p.lora_a.shape[0] for p in parts_list]
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    if any(need[slots[i]] for i in used):
         d_stacked = mm_fp32(dxa.T, rows)
         for i in used:
-            if need[4 * i + 2]:
-                grads[4 * i + 2] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
+            if need[slots[i]]:
+                grads[slots[i]] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
     if dx is not None:
-        dx.addmm_(dxa, torch.cat([p.lora_a.to(dtype) for p in parts_list]))
-    return dx, grads
+        dx.addmm_(dxa, torch.cat([p.lora_a.to(rows.dtype) for p in parts_list]))
+    return dx
 
 
 def _parts(tensors: Sequence[Any], scalings: Sequence[float]) -> list[LoraParts]:
