@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,14 @@ def peft_logits(adapter: Path, base: Path, tokens: int = 12) -> tuple[object, li
     with torch.no_grad():
         logits = peft_model(input_ids=ids).logits
     return logits, missing, list(result.unexpected_keys)
+
+
+def load_tool(name: str):
+    """A script of tools/ (outside the package) as a module, loaded once per test run."""
+    key = f"adapter_doctor_tool_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses in the script look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[key]

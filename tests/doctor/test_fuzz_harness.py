@@ -2,26 +2,19 @@
 for a bounded time without a crash, a hang (over 5 s an input) or a memory blow-up (over 1 GiB).
 
 A longer run is `python tools/fuzz.py TARGET -max_total_time=3600 -timeout=5 -rss_limit_mb=1024 DIR`."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "fuzz"
 SECONDS = 12  # per target in CI: about 1 minute and a quarter for all six
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("adapter_doctor_fuzz", ROOT / "tools" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FUZZ = _harness()
+FUZZ = load_tool("fuzz")
 
 
 @pytest.mark.parametrize("target", FUZZ.TARGETS)

@@ -5,31 +5,22 @@ The parser is exercised on small synthetic ``peft`` trees written here; nothing 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE_PATH = ROOT / "doctor" / "knowledge" / "peft_releases.json"
 
 
-def _load_regenerate():
-    spec = importlib.util.spec_from_file_location("peft_regenerate", ROOT / "tools" / "regenerate_peft_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-regen = _load_regenerate()
+regen = load_tool("regenerate_peft_table")
 
 ENUMS = """
 import enum

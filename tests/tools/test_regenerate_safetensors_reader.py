@@ -1,25 +1,16 @@
 """The generator's `reads_safetensors` fact: a loader that names adapter_model.safetensors and reads it."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _regen():
-    spec = importlib.util.spec_from_file_location("peft_regenerate_st", ROOT / "tools" / "regenerate_peft_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-regen = _regen()
+regen = load_tool("regenerate_peft_table")
 CONSTANTS = 'WEIGHTS_NAME = "adapter_model.bin"\nSAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"\n'
 
 

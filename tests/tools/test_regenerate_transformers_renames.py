@@ -5,29 +5,20 @@ the parse of its own conversion_mapping.py is held against what transformers bui
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE_PATH = ROOT / "doctor" / "knowledge" / "transformers_renames.json"
 
 
-def _load_regenerate():
-    spec = importlib.util.spec_from_file_location("tf_regenerate", ROOT / "tools" / "regenerate_transformers_renames.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-regen = _load_regenerate()
+regen = load_tool("regenerate_transformers_renames")
 
 MAPPING = '''
 _MODEL_TO_CONVERSION_PATTERN = {"deit": "ViTModel", "mine": "vit_like"}
