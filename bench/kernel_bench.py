@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import version  # noqa: E402
 
 KERNELS = ["rms_norm", "rope", "swiglu", "geglu", "linear_ce", "lora_qkv", "lora_gate_up"]
 COLUMNS = ["ours", "liger", "torch"]
@@ -398,13 +401,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, list):
         return [plain(v) for v in value]
     return None if isinstance(value, float) and value != value else value
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def main() -> None:

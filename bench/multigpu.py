@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import SHAPES, build, version  # noqa: E402 - the sibling script, for the same models
+from harness import SHAPES, version  # noqa: E402 - the sibling scripts, for the same models
+from train_bench import build  # noqa: E402
 
 # NVLink multicast can take a host's shared GPUs out of service: keep it off whatever the caller's environment
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -56,7 +57,8 @@ def prepare(args, engine: str, variant: str, gc_on: bool, device):
     """(the model to call, the PeftModel, its patch report's kernel set or None)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model, config = build(args.size, variant, device.type)
+    model = build(args.size, variant, device.type)
+    config = model.config
     kernels = None
     if variant == "ours":
         from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched

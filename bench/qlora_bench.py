@@ -3,7 +3,7 @@
     python bench/qlora_bench.py --write-checkpoint DIR --size 8b
     python bench/qlora_bench.py --checkpoint DIR --variant ours-offload --seq 2048 --bs 2 [--profile-memory]
 
-The base is a random-initialised Llama of a real shape (train_bench.SHAPES), written once as a bf16 checkpoint
+The base is a random-initialised Llama of a real shape (harness.SHAPES), written once as a bf16 checkpoint
 and loaded as users load it: `from_pretrained` with `BitsAndBytesConfig` (nf4, double quantization, bf16
 compute), LoRA r=16 on all seven projections, AdamW. Variants:
 
@@ -13,44 +13,40 @@ compute), LoRA r=16 on all seven projections, AdamW. Variants:
 - `ours`: `hf`'s model, then `ensure_patched`.
 - `ours-offload`: `ours` plus `enable_offloaded_checkpointing`.
 - `ours-bf16-offload`: no fp32 cast, `ensure_patched` and `enable_offloaded_checkpointing`.
+- `liger`: `hf` with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy applied first.
+- `unsloth`: Unsloth's `FastLanguageModel(load_in_4bit=True)` and its offloaded checkpointing (when installed).
 
 The model is put in training mode before the first step, as Trainer does; `--as-loaded` keeps the mode
 `from_pretrained` leaves (eval), in which transformers skips gradient checkpointing altogether.
 `--profile-memory` records one more step's allocations and reports what was live at the peak, by the source
-line that allocated it. `--time-kernels` times instead, at the 8B MLP shape, our dequantization against
+line that allocated it; `--profile` where a step's GPU time goes. `--time-kernels` times instead, at the 8B MLP shape, our dequantization against
 bitsandbytes' and one 4-bit LoRA projection (forward and backward) against PEFT's layer on bitsandbytes.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import SHAPES, TARGETS, version  # noqa: E402
+from harness import (  # noqa: E402
+    H200_BF16_PEAK,
+    SHAPES,
+    TARGETS,
+    cap_memory,
+    emit,
+    flops_per_token,
+    gib,
+    kernel_profile,
+    timed,
+    unsloth_model,
+    versions,
+    write_base,
+)
 
-H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak, datasheet (the same as H100 SXM)
-VARIANTS = ["hf", "ours-offload", "ours", "hf-bf16", "ours-bf16-offload"]
-
-
-def llama_config(size: str):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(max_position_embeddings=131072, rope_theta=500000.0,
-                       **{"vocab_size": 128256, **SHAPES[size]})
-
-
-def write_checkpoint(size: str, path: Path) -> None:
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(llama_config(size), torch_dtype=torch.bfloat16)
-    model.save_pretrained(path)
+VARIANTS = ["hf", "ours-offload", "ours", "hf-bf16", "ours-bf16-offload", "liger", "unsloth"]
 
 
 def load(path: Path, variant: str):
@@ -58,6 +54,11 @@ def load(path: Path, variant: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    if variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
@@ -73,18 +74,6 @@ def load(path: Path, variant: str):
                                              task_type="CAUSAL_LM"))
     model.config.use_cache = False
     return model, memory
-
-
-def gib(n: int) -> float:
-    return round(n / 2**30, 2)
-
-
-def flops_per_token(config, seq: int) -> float:
-    """4N (frozen base: no weight gradients) + causal attention, N the projections and the head."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * h // config.num_attention_heads
-    n = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.vocab_size * h
-    return 4 * n + 4 * layers * seq * h
 
 
 def parameter_bytes(model) -> dict[str, float]:
@@ -181,22 +170,31 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (a smaller card)")
     parser.add_argument("--profile-memory", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also profile two steps' GPU time")
     parser.add_argument("--as-loaded", action="store_true", help="no model.train(): from_pretrained's eval mode")
     parser.add_argument("--time-kernels", action="store_true")
     args = parser.parse_args()
     if args.time_kernels:
-        print(json.dumps(time_kernels()), flush=True)
+        emit(time_kernels())
         return
     if args.write_checkpoint:
-        write_checkpoint(args.size, args.write_checkpoint)
+        write_base(args.size, args.write_checkpoint)
         return
-
+    if args.variant == "unsloth":  # before anything imports transformers
+        import unsloth  # noqa: F401
     import torch
 
+    cap_memory(args.memory_gib)
     started = time.perf_counter()
-    model, memory = load(args.checkpoint, args.variant)
     report = None
+    if args.variant == "unsloth":
+        model = unsloth_model(args.checkpoint, load_in_4bit=True, max_seq_length=args.seq, checkpointing=True)
+        memory: dict = {}
+    else:
+        model, memory = load(args.checkpoint, args.variant)
+    layers = model.base_model.model.model.layers
     if args.variant.startswith("ours"):
         from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
 
@@ -212,45 +210,37 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
     def note_dtype(module, args, kwargs) -> None:  # the residual stream's dtype, as the first layer gets it
         dtypes.setdefault("layer_input", str((args[0] if args else kwargs["hidden_states"]).dtype))
 
-    hook = model.base_model.model.model.layers[0].register_forward_pre_hook(note_dtype, with_kwargs=True)
+    hook = layers[0].register_forward_pre_hook(note_dtype, with_kwargs=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     config = model.config
-    ids = torch.randint(0, config.vocab_size, (args.bs, args.seq), device="cuda")
+    ids = torch.randint(4, config.vocab_size, (args.bs, args.seq), device="cuda")
 
-    def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
+    step(ids)
     hook.remove()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    tokens = args.bs * args.seq / seconds
+    result = timed(step, [ids] * (args.warmup - 1), [ids] * args.steps, args.steps * args.bs * args.seq)
     result = {
-        "size": args.size, "variant": args.variant, "seq": args.seq, "bs": args.bs, "tok_s": round(tokens),
-        "step_s": round(seconds, 4), "peak_gib": gib(torch.cuda.max_memory_allocated()),
-        "mfu": round(tokens * flops_per_token(config, args.seq) / H200_BF16_PEAK, 4), "loss": round(float(loss), 4),
+        "size": args.size, "variant": args.variant, "seq": args.seq, "bs": args.bs, **result,
+        "mfu": round(result["tok_s"] * flops_per_token(config, args.seq) / H200_BF16_PEAK, 4),
         **memory, "parameters_gib": parameter_bytes(model), **dtypes, "training": model.training, "patch": report,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": version("transformers"),
-        "peft": version("peft"), "bitsandbytes": version("bitsandbytes"), "pid": os.getpid(),
+        "device": torch.cuda.get_device_name(), **versions(), "pid": os.getpid(),
         "process_s": round(time.perf_counter() - started, 1),
     }
+    if args.profile:
+        result["profile"] = kernel_profile(step, ids)
     if args.profile_memory:
         torch.cuda.memory._record_memory_history(max_entries=200000)
-        step()
+        step(ids)
         torch.cuda.synchronize()
         result["live_at_peak"] = live_at_peak(torch.cuda.memory._snapshot())
         torch.cuda.memory._record_memory_history(enabled=None)
-    print(json.dumps(result), flush=True)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,48 @@
 """One LoRA training configuration, timed in this process: prints one JSON line.
 
     python bench/train_bench.py --size 8b --variant ours --seq 2048 --bs 4 [--gc] [--steps 10] [--warmup 3]
+    python bench/train_bench.py --size 8b --variant unsloth --checkpoint DIR --gc   # DIR: harness.write_base
+    ... --profile    # also where the GPU time of a step goes (harness.kernel_profile)
 
-Random-initialised Llama of a real shape (1b = Llama-3.2-1B, 3b = Llama-3.2-3B, 8b = Llama-3.1-8B; `tiny` for
-a CPU smoke run), LoRA r=16 on all seven linear projections, bf16, SDPA attention, AdamW. Variants:
-`hf` (HF + PEFT), `liger` (HF + PEFT with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear
-cross-entropy, applied before the model is built), `ours` (HF + PEFT, then `ensure_patched`).
-bench/compare.py runs each variant in its own process and prints them side by side.
+Random-initialised Llama of a real shape (harness.SHAPES: 1b = Llama-3.2-1B, 3b = Llama-3.2-3B, 8b =
+Llama-3.1-8B; `tiny` for a CPU smoke run), LoRA r=16 on all seven linear projections, bf16, SDPA attention,
+AdamW. Variants: `hf` (HF + PEFT), `liger` (HF + PEFT with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused
+linear cross-entropy, applied before the model is built), `ours` (HF + PEFT, then `ensure_patched`),
+`unsloth` (`FastLanguageModel` on the checkpoint, its own checkpointing with --gc). bench/compare.py runs each
+variant in its own process and prints them side by side.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
+import sys
+from pathlib import Path
 
-SHAPES = {
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True, vocab_size=1024),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak, datasheet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    H200_BF16_PEAK,
+    SHAPES,
+    TARGETS,
+    cap_memory,
+    emit,
+    flops_per_token,
+    gib,
+    kernel_profile,
+    llama_config,
+    timed,
+    unsloth_model,
+    versions,
+)
+
+VARIANTS = ["hf", "liger", "ours", "unsloth"]
 
 
 def build(size: str, variant: str, device: str):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    shape = {"vocab_size": 128256, **SHAPES[size]}
-    config = LlamaConfig(max_position_embeddings=131072, rope_theta=500000.0, **shape)
+    config = llama_config(size)
     if variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -43,88 +50,79 @@ def build(size: str, variant: str, device: str):
                                     fused_linear_cross_entropy=True)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    return model, config
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
 
 
-def flops_per_token(model, config, seq: int) -> float:
-    """4N + causal attention per token for a LoRA step (frozen base: no weight gradients); recompute not counted."""
-    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
-    if config.tie_word_embeddings:
-        n += config.vocab_size * config.hidden_size
-    attention = 2 * config.num_hidden_layers * seq * config.hidden_size  # QK^T and AV, causal half, fwd
-    return 4 * n + 2 * attention
+def prepare(variant: str, size: str, gc: bool, device: str, checkpoint: Path | None, max_seq: int):
+    """The variant's model, ready to train, and what `ensure_patched` reported (ours only)."""
+    if variant == "unsloth":
+        if checkpoint is None:
+            raise SystemExit("--variant unsloth loads a checkpoint from disk: give --checkpoint")
+        return unsloth_model(checkpoint, load_in_4bit=False, max_seq_length=max_seq, checkpointing=gc), None
+    model = build(size, variant, device)
+    patched = None
+    if variant == "ours":
+        from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
 
-
-def version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+        patched = ensure_patched(model).kernels
+        if gc:  # ours checkpoints with the layer inputs offloaded to pinned host memory
+            enable_offloaded_checkpointing(model)
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+    return model, patched
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--variant", choices=["hf", "liger", "ours"], required=True)
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--checkpoint", type=Path, help="the base on disk (needed by unsloth)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=4)
-    parser.add_argument("--gc", action="store_true", help="non-reentrant gradient checkpointing")
+    parser.add_argument("--gc", action="store_true", help="gradient checkpointing (ours and unsloth: offloaded)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (a smaller card)")
+    parser.add_argument("--profile", action="store_true", help="also profile two steps' GPU time")
     args = parser.parse_args()
-
+    if args.variant == "unsloth":  # before anything imports transformers
+        import unsloth  # noqa: F401
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config = build(args.size, args.variant, device)
-    patched = None
-    if args.variant == "ours":
-        from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
-
-        patched = ensure_patched(model).kernels
-        if args.gc:  # ours checkpoints with the layer inputs offloaded to pinned host memory
-            enable_offloaded_checkpointing(model)
-    elif args.gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
+    cap_memory(args.memory_gib)
+    model, patched = prepare(args.variant, args.size, args.gc, device, args.checkpoint, args.seq)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (args.bs, args.seq), device=device)
+    ids = torch.randint(4, model.config.vocab_size, (args.bs, args.seq), device=device)
 
-    def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    tokens = args.bs * args.seq / seconds
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    print(json.dumps({
-        "size": args.size, "variant": args.variant, "seq": args.seq, "bs": args.bs, "gc": args.gc,
-        "kernels": patched, "tok_s": round(tokens), "step_s": round(seconds, 4),
-        "peak_gib": None if peak is None else round(peak, 2),
-        "mfu": round(tokens * flops_per_token(model, config, args.seq) / H100_BF16_PEAK, 4),
-        "loss": round(float(loss), 4), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": version("transformers"), "peft": version("peft"),
-        "liger_kernel": version("liger-kernel"), "pid": os.getpid(),
-    }), flush=True)
+    result = timed(step, [ids] * args.warmup, [ids] * args.steps, args.steps * args.bs * args.seq)
+    result = {"size": args.size, "variant": args.variant, "seq": args.seq, "bs": args.bs, "gc": args.gc,
+              "kernels": patched, **result,
+              "mfu": round(result["tok_s"] * flops_per_token(model.config, args.seq) / H200_BF16_PEAK, 4),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", **versions(),
+              "pid": os.getpid()}
+    if args.variant == "ours" and args.gc:  # what the host-memory plan did with the layers' saved tensors
+        import dataclasses
+
+        from adapter_doctor.runtime import host_plan
+
+        result["host_plan"] = {k: gib(v) if k in ("limit", "held", "peak") and v else v
+                               for k, v in dataclasses.asdict(host_plan(model)).items()}
+    if args.profile and device == "cuda":
+        result["profile"] = kernel_profile(step, ids)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,19 @@ import warnings
 from collections import Counter, defaultdict
 from typing import Any, Iterator
 
-from .checks.patch import BROKEN, DTYPE, FALLBACK, FOREIGN, FROZEN, MIXED, OURS, PACKED, REENTRANT, UNSUPPORTED
+from .checks.patch import (
+    BROKEN,
+    DTYPE,
+    FALLBACK,
+    FOREIGN,
+    FROZEN,
+    MIXED,
+    OURS,
+    PACKED,
+    PROJECTIONS,
+    REENTRANT,
+    UNSUPPORTED,
+)
 from .finding import Finding, Report, Severity, TargetReport
 
 
@@ -19,6 +31,7 @@ def inspect_model(model: Any, batch: dict[str, Any] | None = None) -> Report:
     states = introspect.scan(model)
     findings = _forward_findings(states) + _mixed(model, states, introspect)
     findings += _training_findings(model)
+    findings += _projection_findings(model, states)
     findings += _batch_findings(model, batch) if batch is not None else []
     model_type = _model_type(model)
     if model_type and not specs.supported(model_type):
@@ -86,6 +99,31 @@ def _training_findings(model: Any) -> list[Finding]:
     return out
 
 
+def _projection_findings(model: Any, states: list) -> list[Finding]:
+    """On a model we patched: how many LoRA projections take each path; each fallback reason as a warning."""
+    from adapter_doctor.runtime.eligibility import is_lora_linear, path_taken
+
+    if not any(s.origin == "ours" for s in states):
+        return []
+    paths: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if is_lora_linear(module):
+            paths[path_taken(module)].append(name)
+    if not paths:
+        return []
+    counts: Counter = Counter()
+    for (path, _), names in paths.items():
+        counts[path] += len(names)
+    summary = "; ".join(f"{n} {path}" for path, n in sorted(counts.items()))  # a path's name may hold a comma
+    out = [PROJECTIONS.finding(f"{sum(counts.values())} LoRA projections: {summary}", type(model).__name__)]
+    for (path, reason), names in sorted(paths.items()):
+        if path == "fallback":
+            out.append(PROJECTIONS.finding(f"{len(names)} projection(s) fall back to PEFT's layer, e.g. {names[0]}: "
+                                           f"{reason}", names[0], severity=Severity.WARNING,
+                                           title="LoRA projections on the fallback path"))
+    return out
+
+
 def _batch_findings(model: Any, batch: dict[str, Any]) -> list[Finding]:
     from adapter_doctor.runtime import packing
 
@@ -102,8 +140,12 @@ def _batch_findings(model: Any, batch: dict[str, Any]) -> list[Finding]:
 
 
 def _reentrant_checkpointing(model: Any) -> bool:
+    from adapter_doctor.runtime.checkpoint import offloaded_checkpoint
+
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(func, "func", func) is offloaded_checkpoint:  # ours: never reentrant
+            continue
         if func is not None and getattr(module, "gradient_checkpointing", False):
             return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
     return False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .artifact import WeightsFile
 from .float_bits import classify_bytes, classify_many, classify_numpy
 from .pickle_scan import PickledTensor, zip_errors
-from .safetensors_header import element_bytes
+from .safetensors_header import element_bytes, unsigned_view
 
 if TYPE_CHECKING:
     import hashlib
@@ -134,7 +134,21 @@ def _collapse(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[list[int
     return [d for d, _ in kept], [s for _, s in kept]
 
 
-def _view_chunks(name: str, t: PickledTensor, read: Reader) -> Chunks:
+COMPONENT = {"C64": "F32"}  # a complex number is two floats, each swapped on its own (as torch's byteswap does)
+
+
+def little_endian(raw: bytes | memoryview, dtype: str) -> bytes | memoryview:
+    """The elements of a big-endian archive's storage bytes (whole elements of `dtype`) in little-endian order,
+    as torch.load byte-swaps them."""
+    unit = COMPONENT.get(dtype, dtype)
+    if (element_bytes(unit) or 1) == 1:
+        return raw
+    import numpy as np
+
+    return np.frombuffer(raw, dtype=unsigned_view(unit)).byteswap().data
+
+
+def _view_chunks(name: str, t: PickledTensor, read: Reader, byteorder: str = "little") -> Chunks:
     width = element_bytes(t.dtype or "") or 1
     if t.numel == 0:
         return
@@ -147,8 +161,20 @@ def _view_chunks(name: str, t: PickledTensor, read: Reader) -> Chunks:
         chunks = _gather(b"".join(read(lo * width, hi * width)), shape, stride, width)
     else:  # a view that reads its elements more than once: the span it covers stands for it
         chunks = read(lo * width, hi * width)
+    if byteorder == "big":
+        chunks = _swapped(chunks, t.dtype or "")
     for chunk in chunks:
         yield name, t.dtype, chunk
+
+
+def _swapped(chunks: Iterator[memoryview], dtype: str) -> Iterator[memoryview]:
+    # A read may end inside an element: its bytes wait for the next chunk.
+    unit, rest = element_bytes(COMPONENT.get(dtype, dtype)) or 1, b""
+    for chunk in chunks:
+        data = rest + bytes(chunk) if rest else chunk
+        cut = len(data) - len(data) % unit
+        rest = bytes(data[cut:])
+        yield memoryview(little_endian(data[:cut], dtype))
 
 
 def _gather(span: bytes, shape: list[int], stride: list[int], width: int) -> Iterator[memoryview]:
@@ -173,7 +199,7 @@ def _pickle_regions(wf: WeightsFile) -> Chunks:
             with zipfile.ZipFile(fh) as zf:
                 reader = _zip_readers(wf, zf, fh, budget)
                 for name, t in scan.tensors.items():
-                    yield from _view_chunks(name, t, reader(t.storage.key))
+                    yield from _view_chunks(name, t, reader(t.storage.key), scan.byteorder)
         elif scan.format == "legacy":
             for name, t in scan.tensors.items():
                 yield from _view_chunks(name, t, _direct_reader(fh, scan.storage_offsets[t.storage.key], budget))

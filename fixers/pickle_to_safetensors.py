@@ -15,6 +15,7 @@ from typing import Callable
 from adapter_doctor.peft_load import safetensors_strands
 from adapter_doctor.pickle_scan import PickledTensor, PickleScan, read_storage, scan, zip_errors
 from adapter_doctor.safetensors_header import element_bytes, unsigned_view
+from adapter_doctor.tensor_data import COMPONENT, little_endian
 
 from .atomic import FixWriteError
 from .context import FixContext
@@ -129,19 +130,7 @@ def _tensor_bytes(storage: bytes, t: PickledTensor, byteorder: str) -> bytes:
         view = np.lib.stride_tricks.as_strided(elements, shape=t.shape, strides=tuple(s * width for s in t.stride),
                                                writeable=False)
         raw = np.ascontiguousarray(view).tobytes()
-    return _little_endian(raw, t.dtype or "") if byteorder == "big" else raw
-
-
-_COMPONENT = {"C64": "F32"}  # a complex number is two floats, each swapped on its own (as torch's byteswap does)
-
-
-def _little_endian(raw: bytes, dtype: str) -> bytes:
-    unit = _COMPONENT.get(dtype, dtype)
-    if element_bytes(unit) == 1:
-        return raw
-    import numpy as np
-
-    return np.frombuffer(raw, dtype=unsigned_view(unit)).byteswap().tobytes()
+    return bytes(little_endian(raw, t.dtype or "")) if byteorder == "big" else raw
 
 
 _GATHER_CHUNK = 1 << 20  # elements whose storage indices are computed at once, to bound the verifier's memory
@@ -154,7 +143,7 @@ def _gathered(storage: bytes, t: PickledTensor, byteorder: str) -> bytes:
     import numpy as np
 
     width = element_bytes(t.dtype or "") or 0
-    unit = element_bytes(_COMPONENT.get(t.dtype or "", t.dtype or "")) or 0
+    unit = element_bytes(COMPONENT.get(t.dtype or "", t.dtype or "")) or 0
     count = math.prod(t.shape)
     if count == 0 or width == 0:
         return b""

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .report import PatchError, PatchReport
 
 __all__ = ["PatchError", "PatchReport", "attach_packing_guard", "enable_offloaded_checkpointing", "ensure_patched",
-           "load", "return_logits", "save_adapter", "unpatch"]
+           "host_plan", "load", "return_logits", "save_adapter", "unpatch"]
 
 
 def ensure_patched(model: Any, *, strict: bool = False, kernels: Any = "auto") -> PatchReport:
@@ -50,8 +50,8 @@ def __getattr__(name: str) -> Any:
         from .packing import attach_guard
 
         return attach_guard
-    if name == "enable_offloaded_checkpointing":
-        from .checkpoint import enable_offloaded_checkpointing
+    if name in ("enable_offloaded_checkpointing", "host_plan"):
+        from . import checkpoint
 
-        return enable_offloaded_checkpointing
+        return getattr(checkpoint, name)
     raise AttributeError(f"module 'adapter_doctor.runtime' has no attribute {name!r}")

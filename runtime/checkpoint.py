@@ -6,10 +6,22 @@ layer's input and, for our patched layers, its inner residual sum: see `replay.p
 side stream, overlapping the next layer's work. The backward of layer i starts copying layer i-1's tensors back
 on that stream before it recomputes its own layer, so that the transfers overlap the compute. GPU memory then
 holds the weights, one layer's working set and two layers' saved tensors.
+
+Host memory is planned too: every layer's saved tensors sit in pinned memory from its forward to its backward,
+so at 256K tokens an 8B model would pin 4 GiB a layer, 128 GiB in all, more than many hosts have. A
+`HostBudget` (by default 90% of the memory the host has available when checkpointing is enabled) is charged
+for each layer's copies, rounded up to a power of two as the pinned allocator rounds them. A layer that does
+not fit keeps only its input (its replay then recomputes the output projections too), and a layer whose input
+alone does not fit keeps it on the GPU. `host_plan(model)` says what each step did. The budget counts what is
+held at once; the pinned allocator also caches freed blocks for reuse by a request of the same rounded size,
+so a run whose lengths vary widely pins one set of blocks per size (rows packed to one token budget share one).
 """
 from __future__ import annotations
 
+import functools
+import os
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .replay import RECORD, REPLAY, Tape, taping
@@ -26,14 +38,96 @@ def _side_stream(device: Any) -> Any:
     return _STREAMS[device]
 
 
+@dataclass
+class HostBudget:
+    """Pinned host bytes the saved tensors of one model may hold at once, and what the plan did with them."""
+
+    limit: int | None  # None: no limit
+    held: int = 0
+    peak: int = 0
+    layers_offloaded: int = 0  # layer forwards whose tensors all went to the host, since enabling
+    layers_input_only: int = 0  # ... whose inner sums did not fit: kept the input only, replayed in full
+    layers_on_device: int = 0  # ... whose input did not fit either: kept on the GPU
+
+    def charge(self, tensors: list[Any]) -> int | None:
+        """Reserve room for `tensors`; the bytes reserved, or None when they do not fit."""
+        need = sum(_pinned_bytes(t) for t in tensors)
+        if self.limit is not None and self.held + need > self.limit:
+            return None
+        self.held += need
+        self.peak = max(self.peak, self.held)
+        return need
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+def _pinned_bytes(t: Any) -> int:
+    # The caching pinned allocator hands out power-of-two blocks.
+    return 1 << max(0, t.numel() * t.element_size() - 1).bit_length()
+
+
+def available_host_memory() -> int | None:
+    """Bytes the host can still give this process: MemAvailable on Linux (free pages elsewhere), or less where
+    a cgroup (a container's memory limit) allows less; None when unknown."""
+    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    # cgroup v2, then v1: the limit less what the group uses now. /proc/meminfo shows the whole host's memory.
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
+
+
 class _Saved:
     """One layer's saved tensors between its forward and backward: host copies, then device copies."""
 
-    def __init__(self, tensors: list[Any], device: Any):
+    def __init__(self, tensors: list[Any], device: Any, budget: HostBudget | None = None):
         import torch
 
-        self.device, self.cuda = device, device.type == "cuda"
-        if not self.cuda:  # on CPU there is nothing to move
+        self.device, self.cuda, self.charged, self.budget = device, device.type == "cuda", 0, budget
+        self.complete = True  # all of `tensors` kept; False: the input alone
+        if budget is not None:
+            charged = budget.charge(tensors)
+            if charged is None and len(tensors) > 1:
+                tensors, self.complete = tensors[:1], False
+                charged = budget.charge(tensors)
+            if charged is None:
+                budget.layers_on_device += 1
+                self.cuda = False  # kept where it is, as on the CPU
+            else:
+                self.charged = charged
+                budget.layers_offloaded += self.complete
+                budget.layers_input_only += not self.complete
+        if not self.cuda:  # on the CPU (or over the host budget) nothing moves
             self.host, self.fetched = None, [t.detach() for t in tensors]
             return
         stream = _side_stream(device)
@@ -63,7 +157,8 @@ class _Saved:
         """The device tensors, usable on the current stream; prefetches the layer before this one."""
         import torch
 
-        if not self.cuda:
+        if not self.cuda:  # nothing moved: the same tensors for every backward (retain_graph), the share back
+            self._release()
             return self.fetched
         self.prefetch()
         current = torch.cuda.current_stream(self.device)
@@ -74,7 +169,16 @@ class _Saved:
         if earlier is not None:
             earlier.prefetch()
         tensors, self.fetched, self.host = self.fetched, None, None
+        self._release()
         return tensors
+
+    def _release(self) -> None:
+        if self.charged and self.budget is not None:
+            self.budget.release(self.charged)
+        self.charged = 0
+
+    def __del__(self) -> None:  # a step abandoned before its backward
+        self._release()
 
 
 def _function() -> type:
@@ -88,7 +192,7 @@ def _function() -> type:
             ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
             with torch.no_grad(), taping(Tape(RECORD)) as tape:
                 out = run(hidden, *rest)
-            ctx.saved = _Saved([hidden, *tape.sums], hidden.device)
+            ctx.saved = _Saved([hidden, *tape.sums], hidden.device, shape["budget"])
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
             shape["tail"] = out[1:] if ctx.tuple_out else ()
             ctx.save_for_backward(*[r if torch.is_tensor(r) else None for r in rest])
@@ -102,7 +206,8 @@ def _function() -> type:
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
-            with torch.random.fork_rng(devices=devices), taping(Tape(REPLAY, sums)):
+            replay = Tape(REPLAY, sums) if ctx.saved.complete else None  # None: recompute the whole layer
+            with torch.random.fork_rng(devices=devices), taping(replay):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state(cuda_rng, hidden.device)
@@ -137,25 +242,37 @@ def _trainable(layer: Any) -> list[Any]:
     # FSDP2 swaps a unit's parameters between forward and backward, and its hooks need the gradients accumulated
     # in place: its layers get no edges.
     fsdp = layer is None or any(k.__name__ == "FSDPModule" for k in type(layer).__mro__)
-    return [] if fsdp else [p for p in layer.parameters() if p.requires_grad]
+    if fsdp:
+        return []
+    # Module.parameters() builds every submodule's dotted name: several times slower than this walk, once
+    # per layer and step on both sides of the checkpoint.
+    found, seen, stack = [], set(), [layer]
+    while stack:
+        module = stack.pop()
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                found.append(p)
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return found
 
 
 def _same(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, **kwargs: Any) -> Any:
-    """Drop-in for `torch.utils.checkpoint.checkpoint(function, hidden, *args)` with CPU-offloaded inputs."""
+def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, host_budget: HostBudget | None = None,
+                         **kwargs: Any) -> Any:
+    """Drop-in for `torch.utils.checkpoint.checkpoint(function, hidden, *args)` with CPU-offloaded inputs,
+    within `host_budget` when given."""
     if not _FUNCTION:
         _FUNCTION.append(_function())
     if kwargs:
-        import functools
-
         kwargs.pop("use_reentrant", None)
         function = functools.partial(function, **kwargs) if kwargs else function
     layer = _layer_of(function)
     # and whether the layer returns a tuple (transformers 4) or a tensor (5)
-    shape: dict = {"args": len(args), "layer": layer}
+    shape: dict = {"args": len(args), "layer": layer, "budget": host_budget}
     # The layer's trainable parameters are inputs too, and get their gradients from the backward: DDP with
     # find_unused_parameters=True (the Trainer's default for a PeftModel) walks the graph from the loss, and would
     # find parameters used only inside this forward unused, then see their gradients arrive ("Expected to mark a
@@ -164,11 +281,17 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, 
     return (out, *shape["tail"]) if shape["tuple"] else out
 
 
-def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
+_BUDGET = "_adapter_doctor_host_budget"
+
+
+def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_memory_gib: float | None = None) -> int:
     """Checkpoint the decoder layers of `model` with CPU offload; returns how many layers.
 
     `every_n_layers=n` checkpoints layers 0, n, 2n...: the others keep their activations on the GPU, which
     trades memory back for speed where memory is left over (each layer spared skips its replay).
+    `host_memory_gib` caps the pinned host memory the saved tensors take at once; by default 90% of what the
+    host has available now, shared among the processes of this host (LOCAL_WORLD_SIZE) when launched by
+    torchrun. See the module's docstring for what happens to the layers that do not fit.
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is
     made to (the same step `enable_input_require_grads` does for any checkpointed PEFT model).
@@ -177,6 +300,15 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
 
     if not isinstance(every_n_layers, int) or every_n_layers < 1:
         raise ValueError(f"every_n_layers must be a whole number >= 1, not {every_n_layers!r}")
+    if host_memory_gib is not None and not host_memory_gib > 0:
+        raise ValueError(f"host_memory_gib must be a positive number of GiB, not {host_memory_gib!r}")
+    if host_memory_gib is None:
+        available = available_host_memory()
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        share = max(1, int(local)) if local.isdigit() else 1
+        limit = None if available is None else int(available * 0.9) // share
+    else:
+        limit = int(host_memory_gib * 2**30)
     while isinstance(model, DistributedDataParallel):  # enabled after the wrapping: the model it holds
         model = model.module
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the old name warns
@@ -185,6 +317,8 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    budget = model.__dict__[_BUDGET] = HostBudget(limit)
+    checkpoint = functools.partial(offloaded_checkpoint, host_budget=budget)
     index = layers = 0
     for module in model.modules():
         # The layers transformers checkpoints one by one (the model object carries the flag too)
@@ -192,9 +326,18 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1) -> int:
         if not (is_layer and getattr(module, "gradient_checkpointing", False)):
             continue
         if index % every_n_layers == 0:
-            module._gradient_checkpointing_func = offloaded_checkpoint
+            module._gradient_checkpointing_func = checkpoint
             layers += 1
         else:
             module.gradient_checkpointing = False
         index += 1
     return layers
+
+
+def host_plan(model: Any) -> HostBudget | None:
+    """The host budget `enable_offloaded_checkpointing` set on `model` and what it did, or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model.__dict__.get(_BUDGET)

@@ -48,12 +48,12 @@ def active() -> Tape | None:
 
 
 class taping:
-    """`with taping(tape):` makes `tape` the active one on this thread for the layer's forward."""
+    """`with taping(tape):` makes `tape` the active one on this thread for the layer's forward (None: none)."""
 
-    def __init__(self, tape: Tape):
+    def __init__(self, tape: Tape | None):
         self.tape = tape
 
-    def __enter__(self) -> Tape:
+    def __enter__(self) -> Tape | None:
         self.outer, _LOCAL.tape = active(), self.tape
         return self.tape
 

@@ -140,7 +140,7 @@ def torch_pickle(views: dict[str, View]) -> bytes:
 
 
 def torch_zip(path: Path, views: dict[str, View], storages: dict[str, bytes] | None = None, *,
-              compression: int = zipfile.ZIP_STORED, prefix: str = "archive/") -> Path:
+              compression: int = zipfile.ZIP_STORED, prefix: str = "archive/", byteorder: str = "little") -> Path:
     """Write a torch zip archive; storages default to zero bytes of the size each view implies."""
     if storages is None:
         sizes: dict[str, int] = {}
@@ -149,7 +149,7 @@ def torch_zip(path: Path, views: dict[str, View], storages: dict[str, bytes] | N
         storages = {k: bytes(n) for k, n in sizes.items()}
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(prefix + "data.pkl", torch_pickle(views))
-        zf.writestr(prefix + "byteorder", "little")
+        zf.writestr(prefix + "byteorder", byteorder)
         for key, raw in storages.items():
             zf.writestr(f"{prefix}data/{key}", raw, compress_type=compression)
         zf.writestr(prefix + "version", "3\n")

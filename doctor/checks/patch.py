@@ -56,4 +56,11 @@ PACKED = Check(
     "labels that make a document's last token predict the next document's first.",
     manual="Call adapter_doctor.ensure_patched(model), or pass use_cache=False and no attention_mask; label each "
     "document's first token -100.")
-register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED, PACKED)
+PROJECTIONS = Check(
+    "ADC911", CAT, Severity.INFO, "What each LoRA projection runs",
+    "On a model patched by adapter-doctor, the path each PEFT LoRA projection takes, as PatchReport.projections "
+    "lists it: fused (bf16/fp16 base), fused 4-bit (bitsandbytes nf4 or fp4, double-quantized or not), or a "
+    "fallback to PEFT's own layer with the reason (dropout, DoRA, an unreadable quantized layout...). A fallback "
+    "is exact, only slower; it is a warning so that a projection left on the slow path is seen.",
+    manual="Remove what the reason names (e.g. lora_dropout=0), or accept the slower path.")
+register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED, PACKED, PROJECTIONS)

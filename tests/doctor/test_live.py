@@ -117,3 +117,19 @@ def test_building_a_saved_model_leaves_logging_and_warning_filters_as_they_were(
     before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), list(warnings.filters))
     CliRunner().invoke(main, ["check", "--model", str(FIXTURES / "bases" / "llama")])
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), list(warnings.filters)) == before
+
+
+def test_inspect_model_says_what_each_lora_projection_of_a_patched_model_runs():
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
+    assert not [f for f in inspect_model(model).findings if f.id == "ADC911"]  # unpatched: PEFT's layers run
+    ensure_patched(model)
+    model.base_model.model.model.layers[1].mlp.down_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    found = [f for f in inspect_model(model).findings if f.id == "ADC911"]
+    assert [f.severity.value for f in found] == ["info", "warning"]
+    assert found[0].message == "6 LoRA projections: 1 fallback; 5 fused"
+    assert found[1].path == "base_model.model.model.layers.1.mlp.down_proj"
+    assert "lora_dropout=0.1" in found[1].message

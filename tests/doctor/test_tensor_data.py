@@ -69,3 +69,30 @@ def test_many_small_tensors_are_classified_one_by_one(tmp_path):
     stats = scan_values(read_weights(path))
     assert [n for n, s in stats.items() if s.nonfinite] == ["t00777"]
     assert stats["t00001"].all_zero and not stats["t00002"].all_zero and stats["big"].all_zero
+
+
+def test_a_big_endian_archive_is_scanned_in_its_own_byte_order(tmp_path):
+    # 0x3f80ff7f read big-endian is 1.0039; read little-endian it would be a NaN. 0x7fc00000 big-endian is a NaN;
+    # little-endian, a tiny finite number. One element per storage, so each tensor's verdict is its value's.
+    finite, nan = bytes([0x3F, 0x80, 0xFF, 0x7F]), struct.pack(">f", float("nan"))
+    views = {"finite": View((1,), key="0"), "nan": View((1,), key="1"),
+             "half": View((3,), key="2", storage="HalfStorage")}
+    halves = struct.pack(">3e", 0.5, -2.0, 0.0)
+    path = torch_zip(tmp_path / "adapter_model.bin", views, {"0": finite, "1": nan, "2": halves}, byteorder="big")
+    stats = scan_values(read_weights(path))
+    assert not stats["finite"].nonfinite and not stats["finite"].all_zero
+    assert stats["nan"].nonfinite
+    assert not stats["half"].nonfinite and not stats["half"].all_zero
+    # The digest is of the values as torch.load returns them: the same as a little-endian file of those values.
+    st_path = tmp_path / "adapter_model.safetensors"
+    st_path.write_bytes(safetensors_bytes({"finite": ("F32", [1], finite[::-1]), "nan": ("F32", [1], nan[::-1]),
+                                           "half": ("F16", [3], struct.pack("<3e", 0.5, -2.0, 0.0))}))
+    assert tensor_digests(read_weights(path)) == tensor_digests(read_weights(st_path))
+
+
+def test_a_big_endian_element_split_across_reads_is_swapped_whole(monkeypatch):
+    from adapter_doctor import tensor_data
+
+    chunks = [memoryview(b"\x3f\x80"), memoryview(b"\x00\x00\x40"), memoryview(b"\x00\x00\x00")]
+    out = b"".join(bytes(c) for c in tensor_data._swapped(iter(chunks), "F32"))
+    assert np.frombuffer(out, dtype="<f4").tolist() == [1.0, 2.0]

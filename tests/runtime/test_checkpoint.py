@@ -63,7 +63,8 @@ def test_every_n_layers_must_be_a_positive_whole_number(bad):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_offloaded_checkpointing_on_the_gpu_matches_plain_training():
+@pytest.mark.parametrize("host_blocks", [None, 3])  # 3: one layer offloaded, one its input only, one kept on the GPU
+def test_offloaded_checkpointing_on_the_gpu_matches_plain_training(host_blocks):
     """The CUDA path: copies to pinned memory on a side stream, prefetches back, replays with Triton kernels."""
     def on_gpu():
         model = lora_llama().cuda()
@@ -75,7 +76,8 @@ def test_offloaded_checkpointing_on_the_gpu_matches_plain_training():
     plain.train()
     plain(input_ids=batch, labels=batch).loss.backward()
     model = on_gpu()
-    assert enable_offloaded_checkpointing(model) == 3
+    budget = None if host_blocks is None else host_blocks * 4096 / 2**30
+    assert enable_offloaded_checkpointing(model, host_memory_gib=budget) == 3
     losses = []  # kept, as training loops keep the last loss: its graph (and its layers' records) stays alive
     for _ in range(3):  # later steps reuse the cached pinned blocks and the side stream
         model.zero_grad(set_to_none=True)
@@ -85,3 +87,53 @@ def test_offloaded_checkpointing_on_the_gpu_matches_plain_training():
     for (name, p), (_, q) in zip(plain.named_parameters(), model.named_parameters()):
         if p.requires_grad:
             assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6), name
+    if host_blocks is not None:
+        from adapter_doctor.runtime import host_plan
+
+        plan = host_plan(model)
+        assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (3, 3, 3)  # 3 steps
+
+
+def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
+    from adapter_doctor.runtime import host_plan
+
+    loss, expected = grads(lora_llama())
+    model = lora_llama()
+    ensure_patched(model)
+    # Each layer saves its input and its inner residual sum, 2x12x32 fp32 each: 3,072 bytes, pinned as 4,096.
+    # Three blocks of room: layer 0 keeps both, layer 1 its input alone, layer 2 nothing on the host.
+    enable_offloaded_checkpointing(model, host_memory_gib=3 * 4096 / 2**30)
+    got_loss, got = grads(model)
+    plan = host_plan(model)
+    assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (1, 1, 1)
+    assert plan.peak == plan.limit == 3 * 4096
+    assert plan.held == 0  # every layer's share given back by its backward
+    assert torch.allclose(got_loss, loss)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned_by_abandoned_steps():
+    from adapter_doctor.runtime import host_plan
+    from adapter_doctor.runtime.checkpoint import available_host_memory
+
+    model = lora_llama()
+    ensure_patched(model)
+    enable_offloaded_checkpointing(model)
+    plan = host_plan(model)
+    available = available_host_memory()
+    assert available and 0.8 * available < plan.limit <= 0.9 * available
+    model.train()
+    loss = model(input_ids=BATCH, labels=BATCH).loss  # a forward whose backward never comes
+    assert plan.layers_offloaded == 3 and plan.held == 3 * 2 * 4096
+    del loss
+    import gc
+
+    gc.collect()
+    assert plan.held == 0
+
+
+@pytest.mark.parametrize("bad", [0, -2.0])
+def test_host_memory_gib_must_be_positive(bad):
+    with pytest.raises(ValueError, match="host_memory_gib"):
+        enable_offloaded_checkpointing(lora_llama(), host_memory_gib=bad)

@@ -1,0 +1,184 @@
+"""What the training benchmarks share: the model shapes, the base checkpoint on disk, the Unsloth loader, the
+timed step loop and the kernel-time profile.
+
+Every benchmark process times one configuration; bench/compare.py starts them one after another.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, vocab_size=1024),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak, datasheet (the same as H100 SXM)
+
+
+def version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    import torch
+
+    return {"torch": torch.__version__, **{d: version(d) for d in
+            ("transformers", "peft", "triton", "bitsandbytes", "liger-kernel", "unsloth")}}
+
+
+def cap_memory(budget_gib: float | None) -> None:
+    """Limit this process's GPU memory to `budget_gib`, so that the H200 behaves as a smaller card would."""
+    import torch
+
+    if budget_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+
+
+def gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def llama_config(size: str) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(max_position_embeddings=131072, rope_theta=500000.0,
+                       **{"vocab_size": 128256, **SHAPES[size]})
+
+
+def flops_per_token(config, seq: int) -> float:
+    """4N (frozen base: no weight gradients, N the projections and the head) + causal attention; recompute not
+    counted."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    n = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.vocab_size * h
+    return 4 * n + 4 * layers * seq * h
+
+
+def write_base(size: str, path: Path) -> None:
+    """A random-initialised bf16 Llama of `size` (seed 0) with a word-level tokenizer beside it: everything
+    `from_pretrained` and Unsloth's `FastLanguageModel.from_pretrained` need, offline. Written once."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (path / "config.json").exists():
+        return
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 1024)}}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                            unk_token="<unk>", model_max_length=1 << 20).save_pretrained(path)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM._from_config(llama_config(size), dtype=torch.bfloat16)
+    model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, 2
+    model.save_pretrained(path)
+
+
+def unsloth_model(path: Path, *, load_in_4bit: bool, max_seq_length: int, checkpointing: bool) -> Any:
+    """Unsloth's own recipe: `FastLanguageModel` (nf4 with double quantization when 4-bit, bf16 compute), LoRA r16
+    on the seven projections, its CPU-offloaded checkpointing ("unsloth") or none. Imports unsloth first, as
+    it asks: call this before anything imports transformers."""
+    import torch
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq_length, dtype=torch.bfloat16,
+                                                 load_in_4bit=load_in_4bit)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0,
+                                             bias="none", random_state=0,
+                                             use_gradient_checkpointing="unsloth" if checkpointing else False)
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def timed(step: Callable[[Any], Any], warmup: Iterable[Any], batches: list[Any], real_tokens: int) -> dict:
+    """Run `step` on the warm-up batches, then time it over `batches`: real (non-padding) tokens per second,
+    seconds per step, the timed steps' peak memory and the last loss."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for batch in warmup:
+        step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    loss = None
+    for batch in batches:
+        loss = step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"tok_s": round(real_tokens / seconds), "step_s": round(seconds / len(batches), 4),
+            "peak_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+            "loss": None if loss is None else round(float(loss.detach()), 4)}
+
+
+def kernel_profile(step: Callable[[Any], Any], batch: Any, steps: int = 2, top: int = 20) -> dict:
+    """Where a step's time goes: GPU kernel and copy time per step by kind, the top kernels, and on the host
+    the operators with the most self time and the calls that wait for the GPU (a host that waits, or spends
+    longer launching than the GPU computing, leaves the GPU idle)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(batch)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    kinds: dict[str, float] = {}
+    kernels, host = [], []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0)
+        on_device = event.device_type != torch.autograd.DeviceType.CPU or not event.self_cpu_time_total
+        if device_us and on_device:  # a kernel or a copy
+            kernels.append((event.key, device_us / steps, event.count // steps))
+            kinds[kind(event.key)] = kinds.get(kind(event.key), 0.0) + device_us / steps
+        elif event.self_cpu_time_total:
+            host.append((event.key, event.self_cpu_time_total / steps, event.count // steps))
+    kernels.sort(key=lambda k: -k[1])
+    host.sort(key=lambda k: -k[1])
+    waits = [h for h in host if "Synchronize" in h[0] or h[0] in ("aten::item", "aten::_local_scalar_dense")]
+    return {"wall_ms": round(wall * 1e3, 1),
+            "gpu_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "gpu_busy_ms": round(sum(kinds.values()) / 1e3, 1), "top": _rows(kernels, top),
+            "host_self_ms": round(sum(h[1] for h in host) / 1e3, 1), "host_top": _rows(host, top), "host_waits": _rows(waits, top)}
+
+
+def _rows(found: list[tuple[str, float, int]], top: int) -> list[dict]:
+    return [{"name": name[:90], "ms": round(us / 1e3, 2), "calls": calls} for name, us, calls in found[:top]]
+
+
+def kind(name: str) -> str:
+    lowered = name.lower()
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copies (" + ("host" if "htod" in lowered or "dtoh" in lowered else "device") + ")"
+    if any(k in lowered for k in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "wgmma")):
+        return "gemm"
+    if lowered.startswith("_") or "triton" in lowered:
+        return "triton"
+    return "other (elementwise, reductions)"
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result), flush=True)
