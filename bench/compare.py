@@ -20,6 +20,13 @@ the base checkpoint in nf4 in its own process; `hf` is profiled for what is live
 Documents of realistic lengths (`bench/packed_bench.py`): HF+PEFT, Liger, Unsloth and ours padded, Unsloth and
 ours packed, effective (real-token) tokens/s and the ratio to HF+PEFT padded.
 
+    python bench/compare.py --multigpu 2 [--sizes 8b] [--bs 4] [--out bench/results/multigpu-2gpu.json]
+
+Several GPUs (`bench/multigpu.py`): each (engine, variant, checkpointing) row in its own launch on N GPUs and
+again on one GPU with N micro-batches a step (the same global batches), 50 steps: tokens/s per GPU and in all,
+the scaling, peak memory per GPU, how far the N-GPU loss curve strays from the one-GPU curve, and whether the
+adapter rank 0 saved reloads in vanilla PEFT with identical logits.
+
 `--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes.
 """
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +182,61 @@ def packed(args: argparse.Namespace) -> dict:
     return {"results": results}
 
 
+MULTIGPU_ROWS = [("ddp", "hf", True), ("fsdp2", "hf", True), ("fsdp2", "liger", True), ("ddp", "ours", False),
+                 ("ddp", "ours", True), ("fsdp2", "ours", False), ("fsdp2", "ours", True)]
+
+
+def launch(gpus: int, out: Path, **options) -> dict:
+    """One torchrun launch of multigpu.py for one row; its row, or the options with an `error`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+           str(HERE / "multigpu.py"), "--out", str(out)]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return {**options, "gpus": gpus, "error": f"over {TIMEOUT_S} s"}
+    if done.returncode != 0 or not out.exists():
+        return {**options, "gpus": gpus, "error": done.stderr.strip().splitlines()[-3:], "rc": done.returncode}
+    row = json.loads(out.read_text())["results"][0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def multigpu(args: argparse.Namespace) -> dict:
+    size, gpus = (args.sizes if "," not in args.sizes else "8b"), args.multigpu
+    rows = [r for r in MULTIGPU_ROWS if r[1] != "liger" or installed("liger_kernel")]
+    report: dict = {"gpus": gpus, "rows": []}
+    work = args.base_dir / "multigpu"
+    for engine, variant, gc in rows:
+        name = f"{engine}-{variant}-gc-{'on' if gc else 'off'}"
+        common = dict(size=size, seq=args.seq, bs=args.bs, engines=engine, variants=variant,
+                      gc="on" if gc else "off", steps=47, warmup=3)
+        many = launch(gpus, work / f"{name}-{gpus}.json", check_save=work / "saved", **common)
+        one = launch(1, work / f"{name}-1.json", accumulate=gpus, **common)
+        entry = {"engine": engine, "variant": variant, "gc": gc, "gpus": many, "one_gpu": one}
+        if "error" not in many and "error" not in one:
+            after = list(zip(many["losses"], one["losses"]))[common["warmup"]:]
+            entry["scaling"] = round(many["tok_s"] / one["tok_s"], 3)
+            entry["curve_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in after)
+        report["rows"].append(entry)
+    hf = {r["engine"]: r["gpus"]["tok_s"] for r in report["rows"] if r["variant"] == "hf" and "tok_s" in r["gpus"]}
+    lines = [f"| engine | variant | gc | tok/s ({gpus} GPUs) | per GPU | scaling | peak GiB/GPU | vs HF+PEFT | "
+             "curve vs 1 GPU | reload identical |", "|---" * 10 + "|"]
+    for r in report["rows"]:
+        many = r["gpus"]
+        if "error" in many:
+            lines.append(f"| {r['engine']} | {r['variant']} | {r['gc']} | {many['error']} | | | | | | |")
+            continue
+        ratio = f"{many['tok_s'] / hf[r['engine']]:.2f}x" if r["engine"] in hf else ""
+        lines.append(f"| {r['engine']} | {r['variant']} | {r['gc']} | {many['tok_s']:,} | {many['tok_s_per_gpu']:,} | "
+                     f"{r.get('scaling')} | {many['peak_gib']} | {ratio} | {r.get('curve_max_rel_diff', 0):.2e} | "
+                     f"{(many.get('save') or {}).get('identical')} |")
+    print("\n".join(lines))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1b,3b,8b")
@@ -191,9 +254,11 @@ def main() -> None:
     parser.add_argument("--qlora-variants", help="comma-separated subset of qlora_bench.VARIANTS")
     parser.add_argument("--qlora-as-loaded", action="store_true", help="leave the model in eval mode, as loaded")
     parser.add_argument("--packed", action="store_true", help="documents of realistic lengths, packed and padded")
+    parser.add_argument("--multigpu", type=int, metavar="N", help="the rows of bench/multigpu.py on N GPUs and on one")
     args = parser.parse_args()
-    report = qlora(args) if args.qlora else packed(args) if args.packed else speed(args)
-    args.out.write_text(json.dumps(report, indent=1))
+    modes = [(args.qlora, qlora), (args.packed, packed), (args.multigpu, multigpu)]
+    report = next((mode for chosen, mode in modes if chosen), speed)(args)
+    args.out.write_text(json.dumps(report, indent=1, default=str))  # paths in the options of failed rows
     for entry in report.get("longest", []):
         best = entry["longest"] or {}
         print(f"longest bs1 {entry['variant']}: {best.get('seq')} ({best.get('peak_gib')} GiB, "

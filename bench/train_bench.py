@@ -37,22 +37,26 @@ from harness import (  # noqa: E402
 VARIANTS = ["hf", "liger", "ours", "unsloth"]
 
 
-def build(size: str, variant: str, device: str):
+def base_model(size: str, device: str):
+    """The random-initialised bf16 base of `size` (seed 0: every call builds the same weights)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    config = llama_config(size)
-    if variant == "liger":
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(llama_config(size), dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def build(size: str, variant: str, device: str):
+    from peft import LoraConfig, get_peft_model
+
+    if variant == "liger":  # patches transformers' Llama classes for the rest of this process
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
+    return get_peft_model(base_model(size, device), LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                               target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
 def prepare(variant: str, size: str, gc: bool, device: str, checkpoint: Path | None, max_seq: int):
@@ -61,7 +65,12 @@ def prepare(variant: str, size: str, gc: bool, device: str, checkpoint: Path | N
         if checkpoint is None:
             raise SystemExit("--variant unsloth loads a checkpoint from disk: give --checkpoint")
         return unsloth_model(checkpoint, load_in_4bit=False, max_seq_length=max_seq, checkpointing=gc), None
-    model = build(size, variant, device)
+    return ready(build(size, variant, device), variant, gc)
+
+
+def ready(model, variant: str, gc: bool):
+    """(`model` patched for `ours`, checkpointed as each variant's users do with `gc`, in training mode; the
+    patch's kernel set or None)."""
     patched = None
     if variant == "ours":
         from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
