@@ -207,6 +207,9 @@ def launch(gpus: int, out: Path, **options) -> dict:
 def multigpu(args: argparse.Namespace) -> dict:
     size, gpus = (args.sizes if "," not in args.sizes else "8b"), args.multigpu
     rows = [r for r in MULTIGPU_ROWS if r[1] != "liger" or installed("liger_kernel")]
+    if args.multigpu_rows:  # e.g. "ddp-hf-on,fsdp2-ours-off": a subset, for launches that must fit a time limit
+        chosen = set(args.multigpu_rows.split(","))
+        rows = [r for r in rows if f"{r[0]}-{r[1]}-{'on' if r[2] else 'off'}" in chosen]
     report: dict = {"gpus": gpus, "rows": []}
     work = args.base_dir / "multigpu"
     for engine, variant, gc in rows:
@@ -255,6 +258,7 @@ def main() -> None:
     parser.add_argument("--qlora-as-loaded", action="store_true", help="leave the model in eval mode, as loaded")
     parser.add_argument("--packed", action="store_true", help="documents of realistic lengths, packed and padded")
     parser.add_argument("--multigpu", type=int, metavar="N", help="the rows of bench/multigpu.py on N GPUs and on one")
+    parser.add_argument("--multigpu-rows", help="comma-separated ENGINE-VARIANT-on|off, a subset of MULTIGPU_ROWS")
     args = parser.parse_args()
     modes = [(args.qlora, qlora), (args.packed, packed), (args.multigpu, multigpu)]
     report = next((mode for chosen, mode in modes if chosen), speed)(args)
