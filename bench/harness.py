@@ -20,7 +20,22 @@ SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
 }
+# Other architectures of the runtime's spec table, at real shapes: (model_type, config fields).
+OTHER_SHAPES = {
+    "gemma3-4b": ("gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
+                                      sliding_window=1024)),  # Gemma 3 4B's text model
+    "phi3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=32, vocab_size=32064)),  # Phi-3-mini: fused qkv and gate_up
+    "gemma3-tiny": ("gemma3_text", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024,
+                                        sliding_window=64)),
+    "phi3-tiny": ("phi3", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=4, vocab_size=1024, pad_token_id=0)),
+}
+SIZES = sorted([*SHAPES, *OTHER_SHAPES])
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's names for the same seven
 H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak, datasheet (the same as H100 SXM)
 
 
@@ -60,21 +75,45 @@ def llama_config(size: str) -> Any:
                        **{"vocab_size": 128256, **SHAPES[size]})
 
 
+def model_config(size: str) -> Any:
+    """The config of `size`: a Llama shape, or one of OTHER_SHAPES."""
+    if size not in OTHER_SHAPES:
+        return llama_config(size)
+    from transformers import AutoConfig
+
+    model_type, fields = OTHER_SHAPES[size]
+    return AutoConfig.for_model(model_type, max_position_embeddings=131072, **fields)
+
+
+def apply_liger(model_type: str) -> None:
+    """Liger-Kernel's RoPE, RMSNorm, SwiGLU/GeGLU and fused linear cross-entropy (its defaults) for
+    `model_type`: it patches transformers' classes for the rest of the process, so call it before building."""
+    import liger_kernel.transformers as liger
+
+    getattr(liger, f"apply_liger_kernel_to_{model_type}")()
+
+
+def targets(config: Any) -> list[str]:
+    """LoRA on every linear projection of a layer, by the architecture's names."""
+    return FUSED_TARGETS if config.model_type == "phi3" else TARGETS
+
+
 def flops_per_token(config, seq: int) -> float:
     """4N (frozen base: no weight gradients, N the projections and the head) + causal attention; recompute not
     counted."""
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * h // config.num_attention_heads
-    n = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.vocab_size * h
+    head = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    n = layers * (2 * h * q + 2 * h * kv + 3 * h * i) + config.vocab_size * h
     return 4 * n + 4 * layers * seq * h
 
 
 def write_base(size: str, path: Path) -> None:
-    """A random-initialised bf16 Llama of `size` (seed 0) with a word-level tokenizer beside it: everything
+    """A random-initialised bf16 model of `size` (seed 0) with a word-level tokenizer beside it: everything
     `from_pretrained` and Unsloth's `FastLanguageModel.from_pretrained` need, offline. Written once."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if (path / "config.json").exists():
         return
@@ -85,7 +124,7 @@ def write_base(size: str, path: Path) -> None:
                             unk_token="<unk>", model_max_length=1 << 20).save_pretrained(path)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM._from_config(llama_config(size), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(model_config(size), dtype=torch.bfloat16)
     model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id = 0, 1, 2
     model.save_pretrained(path)
 
@@ -100,7 +139,8 @@ def unsloth_model(path: Path, *, load_in_4bit: bool, max_seq_length: int, checkp
 
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq_length, dtype=torch.bfloat16,
                                                  load_in_4bit=load_in_4bit)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, lora_dropout=0,
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=targets(model.config),
+                                             lora_dropout=0,
                                              bias="none", random_state=0,
                                              use_gradient_checkpointing="unsloth" if checkpointing else False)
     FastLanguageModel.for_training(model)

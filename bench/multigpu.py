@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SHAPES, version  # noqa: E402 - the sibling scripts, for the same models
+from harness import SIZES, version  # noqa: E402 - the sibling scripts, for the same models
 from train_bench import base_model, build, ready  # noqa: E402
 
 DATASET = 16  # fixed sequences the curve trains on
@@ -190,7 +190,7 @@ def check_save(args, name: str, engine: str, model, device, rank: int) -> dict |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--size", choices=SIZES, required=True)
     parser.add_argument("--engines", default="ddp,fsdp2", help="comma-separated: ddp, fsdp2, fsdp2-accelerate")
     parser.add_argument("--variants", default="hf,ours", help="comma-separated: hf, liger, ours")
     parser.add_argument("--seq", type=int, default=2048)

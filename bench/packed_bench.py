@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SHAPES, emit, timed, versions  # noqa: E402
+from harness import SIZES, emit, timed, versions  # noqa: E402
 from train_bench import VARIANTS, prepare  # noqa: E402
 
 MEDIAN, SIGMA, FLOOR, CAP = 300, 1.0, 16, 4096
@@ -92,7 +92,7 @@ def padded(docs: list[list[int]], budget: int, pad: int = 0) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--size", choices=SIZES, required=True)
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--layout", choices=["packed", "padded"], required=True)
     parser.add_argument("--checkpoint", type=Path, help="the base on disk (needed by unsloth)")

@@ -3,7 +3,7 @@
     python bench/qlora_bench.py --write-checkpoint DIR --size 8b
     python bench/qlora_bench.py --checkpoint DIR --variant ours-offload --seq 2048 --bs 2 [--profile-memory]
 
-The base is a random-initialised Llama of a real shape (harness.SHAPES), written once as a bf16 checkpoint
+The base is a random-initialised model of a real shape (harness.SIZES), written once as a bf16 checkpoint
 and loaded as users load it: `from_pretrained` with `BitsAndBytesConfig` (nf4, double quantization, bf16
 compute), LoRA r=16 on all seven projections, AdamW. Variants:
 
@@ -33,13 +33,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     H200_BF16_PEAK,
-    SHAPES,
-    TARGETS,
+    SIZES,
+    apply_liger,
     cap_memory,
     emit,
     flops_per_token,
     gib,
     kernel_profile,
+    targets,
     timed,
     unsloth_model,
     versions,
@@ -52,17 +53,14 @@ VARIANTS = ["hf", "ours-offload", "ours", "hf-bf16", "ours-bf16-offload", "liger
 def load(path: Path, variant: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     if variant == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+        apply_liger(AutoConfig.from_pretrained(path).model_type)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                             device_map={"": 0}, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
     memory = {"loaded_gib": gib(torch.cuda.memory_allocated())}
     if "bf16" in variant:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -70,8 +68,9 @@ def load(path: Path, variant: str):
     else:
         model = prepare_model_for_kbit_training(model)
     memory["prepared_gib"] = gib(torch.cuda.memory_allocated())
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets(model.config),
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
     model.config.use_cache = False
     return model, memory
 
@@ -162,7 +161,7 @@ def time_kernels(tokens: int = 4096, inp: int = 4096, out: int = 14336) -> dict:
 
 def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--size", choices=SIZES, default="8b")
     parser.add_argument("--write-checkpoint", type=Path)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--variant", choices=VARIANTS)

@@ -5,8 +5,9 @@
     ... --profile    # also where the GPU time of a step goes (harness.kernel_profile)
 
 Random-initialised Llama of a real shape (harness.SHAPES: 1b = Llama-3.2-1B, 3b = Llama-3.2-3B, 8b =
-Llama-3.1-8B; `tiny` for a CPU smoke run), LoRA r=16 on all seven linear projections, bf16, SDPA attention,
-AdamW. Variants: `hf` (HF + PEFT), `liger` (HF + PEFT with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused
+Llama-3.1-8B; `tiny` for a CPU smoke run), or another architecture of the spec table (harness.OTHER_SHAPES:
+gemma3-4b, phi3-mini with its fused projections, and their -tiny), LoRA r=16 on all seven linear projections
+(Phi-3's four fused ones), bf16, SDPA attention, AdamW. Variants: `hf` (HF + PEFT), `liger` (HF + PEFT with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused
 linear cross-entropy, applied before the model is built), `ours` (HF + PEFT, then `ensure_patched`),
 `unsloth` (`FastLanguageModel` on the checkpoint, its own checkpointing with --gc). bench/compare.py runs each
 variant in its own process and prints them side by side.
@@ -21,14 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     H200_BF16_PEAK,
-    SHAPES,
-    TARGETS,
+    SIZES,
+    apply_liger,
     cap_memory,
     emit,
     flops_per_token,
     gib,
     kernel_profile,
-    llama_config,
+    model_config,
+    targets,
     timed,
     unsloth_model,
     versions,
@@ -40,23 +42,21 @@ VARIANTS = ["hf", "liger", "ours", "unsloth"]
 def base_model(size: str, device: str):
     """The random-initialised bf16 base of `size` (seed 0: every call builds the same weights)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaForCausalLM._from_config(llama_config(size), dtype=torch.bfloat16, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(model_config(size), dtype=torch.bfloat16, attn_implementation="sdpa")
 
 
 def build(size: str, variant: str, device: str):
     from peft import LoraConfig, get_peft_model
 
-    if variant == "liger":  # patches transformers' Llama classes for the rest of this process
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+    config = model_config(size)
+    if variant == "liger":
+        apply_liger(config.model_type)
     return get_peft_model(base_model(size, device), LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                                               target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                               target_modules=targets(config), task_type="CAUSAL_LM"))
 
 
 def prepare(variant: str, size: str, gc: bool, device: str, checkpoint: Path | None, max_seq: int):
@@ -88,7 +88,7 @@ def ready(model, variant: str, gc: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--size", choices=SIZES, required=True)
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--checkpoint", type=Path, help="the base on disk (needed by unsloth)")
     parser.add_argument("--seq", type=int, default=2048)
