@@ -28,7 +28,7 @@ import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ._triton import autocast_on, jit, lazy_functions, on_triton
-from .lora_linear import lora_a_terms, mm_fp32
+from .lora_linear import lora_a_terms, mm_fp32, rank_columns
 
 if TYPE_CHECKING:
     import torch
@@ -174,9 +174,8 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
     xa = rows @ torch.cat([p.lora_a.to(dtype) for p in parts_list]).T
     rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
     scratch = _scratch(parts_list, compute, x.device)
-    outputs, col = [], 0
-    for p in parts_list:
-        rank = p.lora_a.shape[0]
+    outputs = []
+    for p, cols in zip(parts_list, rank_columns(parts_list)):
         weight = dequantize_4bit(p.weight, compute, scratch)
         y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=compute, device=x.device)
         flat = y.view(-1, y.shape[-1])
@@ -187,9 +186,8 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
         if compute != dtype:  # the base's output comes back in the input's dtype, as Linear4bit returns it
             y = y.to(dtype)
             flat = y.view(-1, y.shape[-1])
-        flat.addmm_(xa[:, col:col + rank], p.lora_b.to(dtype).T, alpha=p.scaling)
+        flat.addmm_(xa[:, cols], p.lora_b.to(dtype).T, alpha=p.scaling)
         outputs.append(y)
-        col += rank
     return outputs, xa
 
 
@@ -203,13 +201,12 @@ def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa
 
     dtype = rows.dtype
     grads: list[torch.Tensor | None] = [None] * (3 * len(parts_list))
-    ranks = [p.lora_a.shape[0] for p in parts_list]
-    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    columns = rank_columns(parts_list)
     used = [i for i, dy in enumerate(dys) if dy is not None]
     dxa = torch.zeros_like(xa)
     dx, scratch = None, _scratch(parts_list, compute, rows.device) if need_x and used else None
     for i in used:
-        dy, p, cols = dys[i], parts_list[i], slice(starts[i], starts[i] + ranks[i])
+        dy, p, cols = dys[i], parts_list[i], columns[i]
         need_b, _, need_lora_b = need[3 * i:3 * i + 3]
         dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
         if need_lora_b:

@@ -65,9 +65,8 @@ def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> tupl
     dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
     stacked = torch.cat([p.lora_a.to(dtype) for p in parts_list])
     xa = rows @ stacked.T  # [rows, sum of ranks]: the only activation saved besides x
-    outputs, col = [], 0
-    for p in parts_list:
-        rank = p.lora_a.shape[0]
+    outputs = []
+    for p, cols in zip(parts_list, rank_columns(parts_list)):
         # Written through a 2-D view of a fresh tensor, so that each output is a tensor of its own (not a view),
         # which later in-place kernels (RoPE on q and k) may update.
         y = torch.empty((*x.shape[:-1], p.weight.shape[0]), dtype=dtype, device=x.device)
@@ -76,9 +75,8 @@ def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> tupl
             torch.mm(rows, p.weight.T, out=flat)
         else:
             torch.addmm(p.bias, rows, p.weight.T, out=flat)
-        flat.addmm_(xa[:, col:col + rank], p.lora_b.to(dtype).T, alpha=p.scaling)
+        flat.addmm_(xa[:, cols], p.lora_b.to(dtype).T, alpha=p.scaling)
         outputs.append(y)
-        col += rank
     return outputs, xa
 
 
@@ -92,13 +90,12 @@ def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, 
 
     dtype = rows.dtype
     grads: list[torch.Tensor | None] = [None] * (4 * len(parts_list))
-    ranks = [p.lora_a.shape[0] for p in parts_list]
-    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    columns = rank_columns(parts_list)
     used = [i for i, dy in enumerate(dys) if dy is not None]
     dxa = torch.zeros_like(xa)
     dx = None
     for i in used:
-        dy, p, cols = dys[i], parts_list[i], slice(starts[i], starts[i] + ranks[i])
+        dy, p, cols = dys[i], parts_list[i], columns[i]
         need_w, need_b, _, need_lora_b = need[4 * i:4 * i + 4]
         dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
         if need_lora_b:
@@ -113,6 +110,15 @@ def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, 
                         grads), grads
 
 
+def rank_columns(parts_list: Sequence[Any]) -> list[slice]:
+    """Each projection's columns of x·Aᵀ with the As of `parts_list` stacked, in order."""
+    columns, start = [], 0
+    for p in parts_list:
+        columns.append(slice(start, start + p.lora_a.shape[0]))
+        start += p.lora_a.shape[0]
+    return columns
+
+
 def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor, parts_list: Sequence[Any],
                  used: Sequence[int], slots: Sequence[int], need: Sequence[bool],
                  grads: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -121,13 +127,12 @@ def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor,
     dx += d(x·Aᵀ)·A over the stacked As."""
     import torch
 
-    ranks = [p.lora_a.shape[0] for p in parts_list]
-    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    columns = rank_columns(parts_list)
     if any(need[slots[i]] for i in used):
         d_stacked = mm_fp32(dxa.T, rows)
         for i in used:
             if need[slots[i]]:
-                grads[slots[i]] = d_stacked[starts[i]:starts[i] + ranks[i]].to(parts_list[i].lora_a.dtype)
+                grads[slots[i]] = d_stacked[columns[i]].to(parts_list[i].lora_a.dtype)
     if dx is not None:
         dx.addmm_(dxa, torch.cat([p.lora_a.to(rows.dtype) for p in parts_list]))
     return dx
