@@ -147,6 +147,24 @@ def unsloth_model(path: Path, *, load_in_4bit: bool, max_seq_length: int, checkp
     return model
 
 
+def training_step(model: Any, inputs: Callable[[Any], dict] | None = None) -> Callable[[Any], Any]:
+    """One AdamW step (lr 1e-4, the trainable parameters) on a batch; `inputs(batch)` gives the forward's
+    keyword arguments, by default a causal LM's on a tensor of token ids. Returns the loss."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = inputs or (lambda ids: {"input_ids": ids, "labels": ids})
+
+    def step(batch: Any) -> Any:
+        loss = model(**inputs(batch)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def timed(step: Callable[[Any], Any], warmup: Iterable[Any], batches: list[Any], real_tokens: int) -> dict:
     """Run `step` on the warm-up batches, then time it over `batches`: real (non-padding) tokens per second,
     seconds per step, the timed steps' peak memory and the last loss."""

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SIZES, emit, timed, versions  # noqa: E402
+from harness import SIZES, emit, timed, training_step, versions  # noqa: E402
 from train_bench import VARIANTS, prepare  # noqa: E402
 
 MEDIAN, SIGMA, FLOOR, CAP = 300, 1.0, 16, 4096
@@ -108,17 +108,12 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, patched = prepare(args.variant, args.size, args.gc, device, args.checkpoint, args.budget)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     layout = packed if args.layout == "packed" else padded
     vocab = model.config.vocab_size
     timed_docs, warm_docs = documents(args.tokens, 0, vocab), documents(2 * args.budget, 1, vocab)
 
-    def step(batch: dict) -> torch.Tensor:
-        loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    step = training_step(model, lambda batch: {**{k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                                               "use_cache": False})
 
     batches = layout(timed_docs, args.budget)
     real = sum(map(len, timed_docs))

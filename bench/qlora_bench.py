@@ -42,6 +42,7 @@ from harness import (  # noqa: E402
     kernel_profile,
     targets,
     timed,
+    training_step,
     unsloth_model,
     versions,
     write_base,
@@ -210,16 +211,9 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
         dtypes.setdefault("layer_input", str((args[0] if args else kwargs["hidden_states"]).dtype))
 
     hook = layers[0].register_forward_pre_hook(note_dtype, with_kwargs=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = training_step(model)
     config = model.config
     ids = torch.randint(4, config.vocab_size, (args.bs, args.seq), device="cuda")
-
-    def step(batch: torch.Tensor) -> torch.Tensor:
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
     step(ids)
     hook.remove()

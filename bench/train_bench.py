@@ -32,6 +32,7 @@ from harness import (  # noqa: E402
     model_config,
     targets,
     timed,
+    training_step,
     unsloth_model,
     versions,
 )
@@ -106,16 +107,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cap_memory(args.memory_gib)
     model, patched = prepare(args.variant, args.size, args.gc, device, args.checkpoint, args.seq)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = training_step(model)
     ids = torch.randint(4, model.config.vocab_size, (args.bs, args.seq), device=device)
-
-    def step(batch: torch.Tensor) -> torch.Tensor:
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
     result = timed(step, [ids] * args.warmup, [ids] * args.steps, args.steps * args.bs * args.seq)
     result = {"size": args.size, "variant": args.variant, "seq": args.seq, "bs": args.bs, "gc": args.gc,
               "kernels": patched, **result,
