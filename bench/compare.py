@@ -48,14 +48,20 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def run(script: str, **options) -> dict:
-    """One benchmark process; its last JSON line, or the options with an `error`."""
-    cmd = [sys.executable, str(HERE / script)]
+def flags(options: dict) -> list[str]:
+    """Command-line flags for `options`: True a bare flag, None and False none, anything else its value."""
+    out: list[str] = []
     for key, value in options.items():
         if value is True:
-            cmd.append(f"--{key.replace('_', '-')}")
+            out.append(f"--{key.replace('_', '-')}")
         elif value is not None and value is not False:  # 0 is a value, not a missing flag
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def run(script: str, **options) -> dict:
+    """One benchmark process; its last JSON line, or the options with an `error`."""
+    cmd = [sys.executable, str(HERE / script), *flags(options)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -189,9 +195,7 @@ MULTIGPU_ROWS = [("ddp", "hf", True), ("fsdp2", "hf", True), ("fsdp2", "liger", 
 def launch(gpus: int, out: Path, **options) -> dict:
     """One torchrun launch of multigpu.py for one row; its row, or the options with an `error`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-           str(HERE / "multigpu.py"), "--out", str(out)]
-    for key, value in options.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+           str(HERE / "multigpu.py"), "--out", str(out), *flags(options)]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
