@@ -56,6 +56,20 @@ def unsigned_view(dtype: str) -> str | None:
     return None if width is None else f"<u{width}"
 
 
+COMPONENT = {"C64": "F32"}  # a complex number is two floats, each swapped on its own (as torch's byteswap does)
+
+
+def little_endian(raw: bytes | memoryview, dtype: str) -> bytes | memoryview:
+    """The elements of a big-endian archive's storage bytes (whole elements of `dtype`) in little-endian order,
+    as torch.load byte-swaps them."""
+    unit = COMPONENT.get(dtype, dtype)
+    if (element_bytes(unit) or 1) == 1:
+        return raw
+    import numpy as np
+
+    return np.frombuffer(raw, dtype=unsigned_view(unit)).byteswap().data
+
+
 class HeaderError(Exception):
     """The file is not a valid safetensors file. `code` is stable; the message names the problem."""
 

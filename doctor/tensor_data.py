@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .artifact import WeightsFile
 from .float_bits import classify_bytes, classify_many, classify_numpy
 from .pickle_scan import PickledTensor, zip_errors
-from .safetensors_header import element_bytes, unsigned_view
+from .safetensors_header import COMPONENT, element_bytes, little_endian
 
 if TYPE_CHECKING:
     import hashlib
@@ -132,20 +132,6 @@ def _collapse(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[list[int
     """Drop dims that do not move through storage (size 1, or stride 0 as `expand` makes)."""
     kept = [(d, s) for d, s in zip(shape, stride) if d != 1 and s != 0]
     return [d for d, _ in kept], [s for _, s in kept]
-
-
-COMPONENT = {"C64": "F32"}  # a complex number is two floats, each swapped on its own (as torch's byteswap does)
-
-
-def little_endian(raw: bytes | memoryview, dtype: str) -> bytes | memoryview:
-    """The elements of a big-endian archive's storage bytes (whole elements of `dtype`) in little-endian order,
-    as torch.load byte-swaps them."""
-    unit = COMPONENT.get(dtype, dtype)
-    if (element_bytes(unit) or 1) == 1:
-        return raw
-    import numpy as np
-
-    return np.frombuffer(raw, dtype=unsigned_view(unit)).byteswap().data
 
 
 def _view_chunks(name: str, t: PickledTensor, read: Reader, byteorder: str = "little") -> Chunks:

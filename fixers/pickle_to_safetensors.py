@@ -14,8 +14,7 @@ from typing import Callable
 
 from adapter_doctor.peft_load import safetensors_strands
 from adapter_doctor.pickle_scan import PickledTensor, PickleScan, read_storage, scan, zip_errors
-from adapter_doctor.safetensors_header import element_bytes, unsigned_view
-from adapter_doctor.tensor_data import COMPONENT, little_endian
+from adapter_doctor.safetensors_header import COMPONENT, element_bytes, little_endian, unsigned_view
 
 from .atomic import FixWriteError
 from .context import FixContext
