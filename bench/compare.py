@@ -157,7 +157,8 @@ def qlora(args: argparse.Namespace) -> dict:
     size = args.sizes if "," not in args.sizes else "8b"
     checkpoint = base(args, size)
     chosen = args.qlora_variants.split(",") if args.qlora_variants else \
-        [v for v in VARIANTS if (v != "liger" or installed("liger_kernel")) and (v != "unsloth" or installed("unsloth"))]
+        [v for v in VARIANTS if (v != "liger" or installed("liger_kernel"))
+         and (not v.startswith("unsloth") or installed("unsloth"))]
     results = [] if args.skip_speed else [
         run("qlora_bench.py", checkpoint=checkpoint, variant=variant, seq=args.seq, bs=bs,
             profile_memory=variant == "hf", profile=args.profile and variant.startswith("ours"),

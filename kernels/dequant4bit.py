@@ -84,17 +84,19 @@ def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype) -> torch.Tensor
 
 @jit
 def _dequant4bit_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-                        n, blocksize, nested_blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    # One program: BLOCK packed bytes -> 2·BLOCK consecutive outputs. blocksize is even, so both nibbles of a
-    # byte share their block's scale.
+                        n, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # One program: BLOCK packed bytes -> 2·BLOCK consecutive outputs. BLOCKSIZE is even, so both nibbles of a
+    # byte share their block's scale. The block sizes are compile-time constants: a division of 64-bit indices
+    # by a runtime value costs more than the rest of the kernel; by a power of two it is a shift.
     start = tl.program_id(0).to(tl.int64) * BLOCK
     byte = start + tl.arange(0, BLOCK)
     live = byte * 2 < n
     packed = tl.load(data_ptr + byte, mask=live, other=0).to(tl.int32)
-    block = (byte * 2) // blocksize
+    block = (byte * 2) // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // nested_blocksize, mask=live,
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=live,
                                                        other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
@@ -127,8 +129,8 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor 
     # bitsandbytes rounds it (the interpreter ignores the option).
     _dequant4bit_kernel[grid](data, w.absmax, w.code, w.nested_absmax if nested else dummy,
                               w.nested_code if nested else dummy, w.offset if nested else dummy, flat, n,
-                              w.blocksize, w.nested_blocksize if nested else 1, NESTED=nested, BLOCK=BLOCK_BYTES,
-                              num_warps=4, enable_fp_fusion=False)
+                              BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize if nested else 1,
+                              NESTED=nested, BLOCK=BLOCK_BYTES, num_warps=4, enable_fp_fusion=False)
     return flat[:n].view(w.shape)
 
 

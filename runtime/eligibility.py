@@ -106,8 +106,11 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _hooked(module: Any) -> bool:
-    # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward.
-    return any(getattr(module, name, None) for name in _HOOKS) or "forward" in module.__dict__
+    # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward. Read from
+    # the instance's own dictionary, without a generator: this runs four times per projection and call.
+    own = module.__dict__
+    return bool(own.get("_forward_hooks") or own.get("_forward_pre_hooks") or own.get("_backward_hooks")
+                or own.get("_backward_pre_hooks")) or "forward" in own
 
 
 def _global_hooks() -> bool:
@@ -140,7 +143,8 @@ def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule 
     if len(active) != 1:
         return f"{len(active)} active adapters"
     name = active[0]
-    base = module.base_layer
+    # Read once: each Module attribute is a dictionary walk, and this runs for every projection at every call.
+    base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     if is_4bit_base(base):
         reason = why_not_4bit(base)
         if reason is not None:
@@ -157,13 +161,13 @@ def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule 
     variants = getattr(module, "lora_variant", {})
     if name in variants:
         return f"LoRA variant {type(variants[name]).__name__}"
-    if module.lora_B[name].bias is not None:
+    if lora_b.bias is not None:
         return "lora_bias"
-    if _sharded(base.weight, module.lora_A[name].weight, module.lora_B[name].weight):
+    if _sharded(base.weight, lora_a.weight, lora_b.weight):
         return "weights are shards (DTensor, ZeRO-3) that no hook gathered"
     if not getattr(module, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled"
-    if any(_hooked(m) for m in (module, base, module.lora_A[name], module.lora_B[name])) or _global_hooks():
+    if any(_hooked(m) for m in (module, base, lora_a, lora_b)) or _global_hooks():
         return "module hooks"
     return None
 

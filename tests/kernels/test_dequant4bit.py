@@ -88,6 +88,14 @@ def test_triton_dequant_matches_the_reference_exactly(device, shape, kind, neste
     assert torch.equal(got.cpu(), dequantize_4bit_reference(w, dtype).cpu())
 
 
+@pytest.mark.parametrize("blocksize,nested_blocksize", [(6, 3), (10, 5), (2, 1), (128, 256)])
+def test_triton_dequant_at_block_sizes_that_are_not_powers_of_two(device, blocksize, nested_blocksize):
+    # The kernel is compiled per block size (a constant divisor): every even size, not only the shifts.
+    w = packed((13, 37), blocksize=blocksize, nested=True, nested_blocksize=nested_blocksize, seed=5)
+    w = Packed4bit(*[t.to(device) if torch.is_tensor(t) else t for t in w])
+    assert torch.equal(dequantize_4bit_triton(w, torch.float32).cpu(), dequantize_4bit_reference(w, torch.float32).cpu())
+
+
 def test_triton_dequant_writes_into_a_larger_buffer_and_nothing_past_the_weight(device, poisoned):
     w = packed((7, 9), blocksize=32)
     w = Packed4bit(*[t.to(device) if torch.is_tensor(t) else t for t in w])
