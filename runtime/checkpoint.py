@@ -10,11 +10,16 @@ holds the weights, one layer's working set and two layers' saved tensors.
 Host memory is planned too: every layer's saved tensors sit in pinned memory from its forward to its backward,
 so at 256K tokens an 8B model would pin 4 GiB a layer, 128 GiB in all, more than many hosts have. A
 `HostBudget` (by default 90% of the memory the host has available when checkpointing is enabled) is charged
-for each layer's copies, rounded up to a power of two as the pinned allocator rounds them. A layer that does
-not fit keeps only its input (its replay then recomputes the output projections too), and a layer whose input
-alone does not fit keeps it on the GPU. `host_plan(model)` says what each step did. The budget counts what is
-held at once; the pinned allocator also caches freed blocks for reuse by a request of the same rounded size,
-so a run whose lengths vary widely pins one set of blocks per size (rows packed to one token budget share one).
+for each layer's copies. The inputs of all the step's layers come first: a layer keeps its inner sum too only
+where the inputs of the layers after it still fit beside it. A layer that keeps only its input replays its
+output projections too; a layer whose input does not fit on the host keeps it on the GPU, which costs GPU
+memory as well, so the plan leaves that for last. `host_plan(model)` says what each step did.
+
+The pinned allocator rounds every block up to a power of two, so a 3.1 GiB tensor would pin 4 GiB. Each
+tensor is copied in power-of-two pieces instead (its binary expansion, down to 1/64 of its size), which wastes
+under 2%. The budget counts what is held at once; the allocator also caches freed blocks for reuse by a
+request of the same size, so a run whose lengths vary widely pins one set of blocks per length (rows packed to
+one token budget share one).
 """
 from __future__ import annotations
 
@@ -43,28 +48,89 @@ class HostBudget:
     """Pinned host bytes the saved tensors of one model may hold at once, and what the plan did with them."""
 
     limit: int | None  # None: no limit
+    layers: int = 0  # checkpointed layers per forward, whose inputs the plan reserves room for; 0: unknown
     held: int = 0
     peak: int = 0
+    pending: int = 0  # layers between their forward and their backward, wherever their tensors are
     layers_offloaded: int = 0  # layer forwards whose tensors all went to the host, since enabling
-    layers_input_only: int = 0  # ... whose inner sums did not fit: kept the input only, replayed in full
+    layers_input_only: int = 0  # ... that kept the input alone on the host, and replayed in full
     layers_on_device: int = 0  # ... whose input did not fit either: kept on the GPU
 
-    def charge(self, tensors: list[Any]) -> int | None:
-        """Reserve room for `tensors`; the bytes reserved, or None when they do not fit."""
-        need = sum(_pinned_bytes(t) for t in tensors)
-        if self.limit is not None and self.held + need > self.limit:
-            return None
-        self.held += need
+    def place(self, tensors: list[Any]) -> tuple[int, int | None]:
+        """For one layer's saved tensors (its input first): how many it keeps, and the pinned bytes charged for
+        them, or None where they stay on the GPU. Call `leave` once at the layer's backward."""
+        self.pending += 1
+        sizes = [_pinned_bytes(t) for t in tensors]
+        later = max(0, self.layers - self.pending)  # the step's layers still to come, each with an input
+        if self._fits(sum(sizes) + later * sizes[0]):
+            keep = len(tensors)
+        elif self._fits(sizes[0]):
+            keep = 1
+        else:
+            self.layers_on_device += 1
+            return 1, None
+        self.held += sum(sizes[:keep])
         self.peak = max(self.peak, self.held)
-        return need
+        self.layers_offloaded += keep == len(tensors)
+        self.layers_input_only += keep < len(tensors)
+        return keep, sum(sizes[:keep])
 
-    def release(self, size: int) -> None:
+    def _fits(self, size: int) -> bool:
+        return self.limit is None or self.held + size <= self.limit
+
+    def leave(self, size: int) -> None:
         self.held -= size
+        self.pending -= 1
+
+
+_SMALLEST_SHARE = 64  # pieces go down to 1/64 of the tensor (or 1 MiB), the last one rounded up
+
+
+def _pieces(nbytes: int) -> list[int]:
+    """Power-of-two block sizes that hold `nbytes`: the binary expansion from the top, the rest in one block."""
+    floor = max(1 << 20, (1 << max(0, nbytes - 1).bit_length()) // _SMALLEST_SHARE)
+    pieces, rest = [], nbytes
+    while rest > floor:
+        top = 1 << (rest.bit_length() - 1)
+        pieces.append(top)
+        rest -= top
+    if rest:
+        pieces.append(1 << (rest - 1).bit_length())
+    return pieces
 
 
 def _pinned_bytes(t: Any) -> int:
-    # The caching pinned allocator hands out power-of-two blocks.
-    return 1 << max(0, t.numel() * t.element_size() - 1).bit_length()
+    return sum(_pieces(t.numel() * t.element_size()))
+
+
+def _to_host(t: Any, stream: Any) -> list[tuple[Any, int]]:
+    """Copies of `t`'s bytes into pinned pieces on `stream`: [(piece, bytes used)]."""
+    import torch
+
+    flat = t.detach().contiguous()
+    flat.record_stream(stream)  # the caching allocator must not reuse it before the copies end
+    flat = flat.view(-1).view(torch.uint8)
+    out, start = [], 0
+    with torch.cuda.stream(stream):
+        for size in _pieces(flat.numel()):
+            used = min(size, flat.numel() - start)
+            piece = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            piece[:used].copy_(flat[start:start + used], non_blocking=True)
+            out.append((piece, used))
+            start += used
+    return out
+
+
+def _to_device(pieces: list[tuple[Any, int]], shape: Any, dtype: Any, device: Any) -> Any:
+    """The tensor back from its pinned pieces, copied on the current stream."""
+    import torch
+
+    t = torch.empty(shape, dtype=dtype, device=device)
+    flat, start = t.view(-1).view(torch.uint8), 0
+    for piece, used in pieces:
+        flat[start:start + used].copy_(piece[:used], non_blocking=True)
+        start += used
+    return t
 
 
 def available_host_memory() -> int | None:
@@ -116,27 +182,18 @@ class _Saved:
         self.device, self.cuda, self.charged, self.budget = device, device.type == "cuda", 0, budget
         self.complete = True  # all of `tensors` kept; False: the input alone
         if budget is not None:
-            charged = budget.charge(tensors)
-            if charged is None and len(tensors) > 1:
-                tensors, self.complete = tensors[:1], False
-                charged = budget.charge(tensors)
+            keep, charged = budget.place(tensors)
+            tensors, self.complete = tensors[:keep], keep == len(tensors)
             if charged is None:
-                budget.layers_on_device += 1
                 self.cuda = False  # kept where it is, as on the CPU
-            else:
-                self.charged = charged
-                budget.layers_offloaded += self.complete
-                budget.layers_input_only += not self.complete
+            self.charged = charged or 0
         if not self.cuda:  # on the CPU (or over the host budget) nothing moves
             self.host, self.fetched = None, [t.detach() for t in tensors]
             return
         stream = _side_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-        with torch.cuda.stream(stream):
-            for host, t in zip(self.host, tensors):
-                host.copy_(t.detach(), non_blocking=True)
-                t.record_stream(stream)  # the caching allocator must not reuse it before the copy ends
+        self.layout = [(t.shape, t.dtype) for t in tensors]
+        self.host = [_to_host(t, stream) for t in tensors]
         self.fetched, self.ready = None, None
         self.previous = _LAST.get(device)  # a weak reference: a finished step's layers must not stay alive
         _LAST[device] = weakref.ref(self)
@@ -149,7 +206,8 @@ class _Saved:
             return
         stream = _side_stream(self.device)
         with torch.cuda.stream(stream):
-            self.fetched = [h.to(self.device, non_blocking=True) for h in self.host]
+            self.fetched = [_to_device(pieces, shape, dtype, self.device)
+                            for pieces, (shape, dtype) in zip(self.host, self.layout)]
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
@@ -173,9 +231,9 @@ class _Saved:
         return tensors
 
     def _release(self) -> None:
-        if self.charged and self.budget is not None:
-            self.budget.release(self.charged)
-        self.charged = 0
+        if self.budget is not None:
+            self.budget.leave(self.charged)
+        self.budget = None  # once: a retained graph's second backward gives nothing back again
 
     def __del__(self) -> None:  # a step abandoned before its backward
         self._release()
@@ -317,7 +375,7 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    budget = model.__dict__[_BUDGET] = HostBudget(limit)
+    budget = model.__dict__[_BUDGET] = HostBudget(limit)  # its layer count is known below
     checkpoint = functools.partial(offloaded_checkpoint, host_budget=budget)
     index = layers = 0
     for module in model.modules():
@@ -331,6 +389,7 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
         else:
             module.gradient_checkpointing = False
         index += 1
+    budget.layers = layers
     return layers
 
 

@@ -63,7 +63,7 @@ def test_every_n_layers_must_be_a_positive_whole_number(bad):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("host_blocks", [None, 3])  # 3: one layer offloaded, one its input only, one kept on the GPU
+@pytest.mark.parametrize("host_blocks", [None, 2])  # 2: two layers keep their input alone, one keeps it on the GPU
 def test_offloaded_checkpointing_on_the_gpu_matches_plain_training(host_blocks):
     """The CUDA path: copies to pinned memory on a side stream, prefetches back, replays with Triton kernels."""
     def on_gpu():
@@ -91,7 +91,27 @@ def test_offloaded_checkpointing_on_the_gpu_matches_plain_training(host_blocks):
         from adapter_doctor.runtime import host_plan
 
         plan = host_plan(model)
-        assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (3, 3, 3)  # 3 steps
+        assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (0, 6, 3)  # 3 steps
+        assert plan.held == 0 and plan.pending == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_tensor_of_no_power_of_two_size_goes_to_the_host_in_pieces_and_comes_back_equal(dtype):
+    from adapter_doctor.runtime.checkpoint import HostBudget, _pieces, _Saved
+
+    t = torch.randn(3, 1_000_003, device="cuda").to(dtype)
+    other = torch.randn(5, 7, device="cuda")[:, ::2]  # not contiguous
+    budget = HostBudget(None, layers=1)
+    saved = _Saved([t, other], t.device, budget)
+    assert len(saved.host[0]) == len(_pieces(t.numel() * t.element_size())) > 1
+    assert budget.held == sum(_pieces(t.numel() * t.element_size())) + sum(_pieces(other.numel() * 4))
+    back, other_back = saved.take()
+    torch.cuda.synchronize()
+    assert back.dtype == dtype and torch.equal(back, t)
+    assert torch.equal(other_back, other)
+    assert budget.held == 0 and budget.pending == 0
 
 
 def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
@@ -101,16 +121,55 @@ def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
     model = lora_llama()
     ensure_patched(model)
     # Each layer saves its input and its inner residual sum, 2x12x32 fp32 each: 3,072 bytes, pinned as 4,096.
-    # Three blocks of room: layer 0 keeps both, layer 1 its input alone, layer 2 nothing on the host.
+    # Three blocks of room: the three inputs come first, so no layer keeps its sum too.
     enable_offloaded_checkpointing(model, host_memory_gib=3 * 4096 / 2**30)
     got_loss, got = grads(model)
     plan = host_plan(model)
-    assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (1, 1, 1)
+    assert (plan.layers_offloaded, plan.layers_input_only, plan.layers_on_device) == (0, 3, 0)
     assert plan.peak == plan.limit == 3 * 4096
-    assert plan.held == 0  # every layer's share given back by its backward
+    assert plan.held == 0 and plan.pending == 0  # every layer's share given back by its backward
     assert torch.allclose(got_loss, loss)
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("blocks,plan", [
+    (6, (3, 0, 0)),  # room for everything
+    (5, (2, 1, 0)),  # layers 0 and 1 keep both; layer 2 its input, for which they left room
+    (4, (1, 2, 0)),
+    (2, (0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
+    (0.5, (0, 0, 3)),
+])
+def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(blocks, plan):
+    from adapter_doctor.runtime import host_plan
+
+    loss, expected = grads(lora_llama())
+    model = lora_llama()
+    ensure_patched(model)
+    enable_offloaded_checkpointing(model, host_memory_gib=blocks * 4096 / 2**30)
+    got_loss, got = grads(model)
+    budget = host_plan(model)
+    assert budget.layers == 3
+    assert (budget.layers_offloaded, budget.layers_input_only, budget.layers_on_device) == plan
+    assert budget.held == 0 and budget.pending == 0
+    assert torch.allclose(got_loss, loss)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 3072, 4096, 2**20 + 1, 3 * 2**20, 400_000 * 4096 * 2, 2**31, 2**31 + 2])
+def test_pinned_pieces_are_powers_of_two_that_hold_the_tensor_and_waste_little(nbytes):
+    from adapter_doctor.runtime.checkpoint import _pieces
+
+    pieces = _pieces(nbytes)
+    assert all(p > 0 and p & (p - 1) == 0 for p in pieces)
+    assert sum(pieces) >= nbytes and pieces == sorted(pieces, reverse=True)
+    if nbytes > 64 * 2**20:  # past the 1 MiB floor: under 1/64 of the tensor wasted, in a handful of pieces
+        assert sum(pieces) - nbytes < nbytes / 64 and len(pieces) <= 7
+    else:  # small tensors: one block, or whole MiB blocks and one more
+        assert sum(pieces) - nbytes < max(nbytes, 2**20)
+    if nbytes == 400_000 * 4096 * 2:  # an 8B layer's input at 400K tokens: 3.05 GiB, 4 GiB as one block
+        assert sum(pieces) / 2**30 < 3.07
 
 
 def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned_by_abandoned_steps():
@@ -125,12 +184,12 @@ def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned
     assert available and 0.8 * available < plan.limit <= 0.9 * available
     model.train()
     loss = model(input_ids=BATCH, labels=BATCH).loss  # a forward whose backward never comes
-    assert plan.layers_offloaded == 3 and plan.held == 3 * 2 * 4096
+    assert plan.layers_offloaded == 3 and plan.held == 3 * 2 * 4096 and plan.pending == 3
     del loss
     import gc
 
     gc.collect()
-    assert plan.held == 0
+    assert plan.held == 0 and plan.pending == 0
 
 
 @pytest.mark.parametrize("bad", [0, -2.0])
