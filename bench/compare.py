@@ -8,7 +8,8 @@ Liger runs when `liger_kernel` imports, Unsloth when `unsloth` does (from a base
 --base-dir). It prints a table with tokens/s, peak memory and ratios to HF+PEFT (each row's JSON has its
 MFU), and writes the JSON.
 `--longest` also finds, for 8B at batch 1 under a --memory-gib cap (80: an 80 GB card), the longest sequence
-each variant trains (doubling until it runs out of memory); `--skip-speed` runs the search alone.
+each variant trains (doubling until it runs out of memory); `--skip-speed` runs the search alone, and
+`--longest-lengths 262144,400000` tries those lengths in turn instead (one step each, up to 590 s a process).
 
     python bench/compare.py --qlora [--sizes 8b] [--seq 2048] [--bs 2,4] [--longest] [--out bench/results/qlora.json]
 
@@ -42,6 +43,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 420  # one configuration's process, model build included
+LONGEST_TIMEOUT_S = 590  # one step at the longest lengths: 214 s at 262,144 tokens (8B), quadratic beyond
 
 
 def installed(module: str) -> bool:
@@ -59,13 +61,13 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def run(script: str, **options) -> dict:
+def run(script: str, timeout: int = TIMEOUT_S, **options) -> dict:
     """One benchmark process; its last JSON line, or the options with an `error`."""
     cmd = [sys.executable, str(HERE / script), *flags(options)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**options, "error": f"over {TIMEOUT_S} s"}
+        return {**options, "error": f"over {timeout} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
@@ -99,15 +101,23 @@ LONGEST_START = {"hf": 8192, "liger": 32768, "ours": 65536, "unsloth": 32768,
                  "ours-bf16-offload": 131072}
 
 
-def longest(script: str, variant: str, limit: int, **options) -> dict:
-    """The longest sequence (a power of two from LONGEST_START) `variant` trains at batch 1, up to `limit`."""
-    best, seq = None, LONGEST_START.get(variant, 8192)
-    while seq <= limit:
-        result = run(script, variant=variant, seq=seq, bs=1, steps=1, warmup=0, **options)
+def longest(script: str, variant: str, limit: int, lengths: list[int] | None = None, **options) -> dict:
+    """The longest sequence `variant` trains at batch 1: of `lengths` in turn, or doubling from LONGEST_START
+    up to `limit`; one step each, stopping at the first failure."""
+    start = LONGEST_START.get(variant, 8192)
+    tries = lengths or [start << k for k in range(64) if start << k <= limit]
+    best = None
+    for seq in tries:
+        result = run(script, timeout=LONGEST_TIMEOUT_S, variant=variant, seq=seq, bs=1, steps=1, warmup=0,
+                     **options)
         if "error" in result:
             return {"variant": variant, "longest": best, "first_failure": seq, "error": result["error"]}
-        best, seq = result, seq * 2
+        best = result
     return {"variant": variant, "longest": best, "first_failure": None}
+
+
+def lengths(args: argparse.Namespace) -> list[int] | None:
+    return sorted(map(int, args.longest_lengths.split(","))) if args.longest_lengths else None
 
 
 def table(results: list[dict], base_of, columns: list[str]) -> str:
@@ -141,8 +151,8 @@ def speed(args: argparse.Namespace) -> dict:
     report: dict = {"results": results}
     if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
         checkpoint = base(args, "8b") if installed("unsloth") else None
-        report["longest"] = [longest("train_bench.py", variant, args.longest_limit, size="8b", gc=True,
-                                     memory_gib=args.memory_gib,
+        report["longest"] = [longest("train_bench.py", variant, args.longest_limit, lengths(args), size="8b",
+                                     gc=True, memory_gib=args.memory_gib,
                                      checkpoint=checkpoint if variant == "unsloth" else None)
                              for variant, gc in speed_variants() if gc]
     hf = hf_rates(results, lambda r: r.get("size"))
@@ -166,8 +176,8 @@ def qlora(args: argparse.Namespace) -> dict:
         for bs in map(int, str(args.bs).split(",")) for variant in chosen]
     report: dict = {"results": results}
     if args.longest:
-        report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, checkpoint=checkpoint,
-                                     memory_gib=args.memory_gib)
+        report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, lengths(args),
+                                     checkpoint=checkpoint, memory_gib=args.memory_gib)
                              for variant in chosen if variant in ("hf", "unsloth", "ours-bf16-offload", "liger")]
     hf = hf_rates(results, lambda r: r.get("bs"))
     print(table(results, lambda r: hf.get(r.get("bs")), ["variant", "bs", "layer_input"]))
@@ -252,6 +262,7 @@ def main() -> None:
     parser.add_argument("--bs", default="4", help="batch size (--qlora: a comma-separated list)")
     parser.add_argument("--longest", action="store_true")
     parser.add_argument("--longest-limit", type=int, default=524288, help="stop the doubling search here")
+    parser.add_argument("--longest-lengths", help="comma-separated lengths to try instead of doubling")
     parser.add_argument("--memory-gib", type=float, default=80.0, help="the --longest search's GPU memory cap")
     parser.add_argument("--skip-speed", action="store_true", help="only the --longest search")
     parser.add_argument("--profile", action="store_true", help="profile the GPU time of ours' steps")

@@ -274,7 +274,7 @@ def _function() -> type:
             out = out[0] if ctx.tuple_out else out
             # The parameters' gradients go out through their edges, unless the layer now holds other parameter
             # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before.
-            params = list(ctx.params) if _same(ctx.params, _trainable(ctx.layer)) else []
+            params = list(ctx.params) if _same(ctx.params, trainable_parameters(ctx.layer)) else []
             if params:
                 grads = torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
             else:
@@ -296,15 +296,19 @@ def _layer_of(function: Callable[..., Any]) -> Any:
     return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
 
 
-def _trainable(layer: Any) -> list[Any]:
-    # FSDP2 swaps a unit's parameters between forward and backward, and its hooks need the gradients accumulated
-    # in place: its layers get no edges.
-    fsdp = layer is None or any(k.__name__ == "FSDPModule" for k in type(layer).__mro__)
-    if fsdp:
+def fsdp_unit(module: Any) -> bool:
+    """Whether `module` is an FSDP2 unit, whose parameters FSDP swaps between forward and backward."""
+    return any(k.__name__ == "FSDPModule" for k in type(module).__mro__)
+
+
+def trainable_parameters(module: Any) -> list[Any]:
+    """The parameters of `module` and its submodules that require grad, once each; none for an FSDP2 unit, whose
+    hooks need the gradients accumulated in place."""
+    if module is None or fsdp_unit(module):
         return []
     # Module.parameters() builds every submodule's dotted name: several times slower than this walk, once
     # per layer and step on both sides of the checkpoint.
-    found, seen, stack = [], set(), [layer]
+    found, seen, stack = [], set(), [module]
     while stack:
         module = stack.pop()
         for p in module._parameters.values():
@@ -335,7 +339,7 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, 
     # find_unused_parameters=True (the Trainer's default for a PeftModel) walks the graph from the loss, and would
     # find parameters used only inside this forward unused, then see their gradients arrive ("Expected to mark a
     # variable ready only once").
-    out = _FUNCTION[0].apply(function, shape, hidden, *args, *_trainable(layer))
+    out = _FUNCTION[0].apply(function, shape, hidden, *args, *trainable_parameters(layer))
     return (out, *shape["tail"]) if shape["tuple"] else out
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from .attention import attention_forward
 from .causal_lm import causal_lm_forward
+from .chunked_mlp import chunked_mlp
 from .context import Context, named_arguments
 from .projection import project_many
 from .replay import active, output_projection, residual_add
@@ -60,6 +61,12 @@ def check_mlp(module: Any, options: Any) -> str | None:
 
 
 def gated_mlp_forward(self: Any, ctx: Context, x: Any) -> Any:
+    run = functools.partial(_gated_mlp, self, ctx)
+    out = chunked_mlp(self, run, x)  # a long input inside a checkpoint, in chunks of tokens
+    return run(x) if out is None else out
+
+
+def _gated_mlp(self: Any, ctx: Context, x: Any) -> Any:
     kernels, opts = ctx.kernels, ctx.options
     act_fn = getattr(self, opts.act_attr)
     kind, approximate = gated_activation(act_fn) or ("", "")

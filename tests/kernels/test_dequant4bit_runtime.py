@@ -195,7 +195,12 @@ def test_bf16_compute_on_an_fp32_stream(stand_in_bnb):
     assert max(rel(got[1][n], expected[1][n]) for n in expected[1]) <= 1e-4
 
 
-def test_offloaded_checkpointing_on_4bit_bases(stand_in_bnb):
+@pytest.mark.parametrize("chunk_tokens", [None, 5])  # 5: the MLP in chunks of 5 of the 22 rows
+def test_offloaded_checkpointing_on_4bit_bases(stand_in_bnb, monkeypatch, chunk_tokens):
+    from adapter_doctor.runtime import chunked_mlp
+
+    if chunk_tokens:
+        monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", chunk_tokens)
     model = tiny_4bit(nested=True)
     expected = step(model, IDS)
     ensure_patched(model, kernels="torch")

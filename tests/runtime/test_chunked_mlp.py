@@ -1,0 +1,93 @@
+"""A checkpointed layer's MLP in chunks of tokens: the same loss and gradients, a chunk's tensors at a time."""
+import dataclasses
+
+import pytest
+import torch
+from adapter_doctor.kernels import TORCH
+from adapter_doctor.runtime import chunked_mlp as chunking
+from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
+
+
+def spied(sizes):
+    """The torch kernel set, recording the rows of every gated activation it computes."""
+    def swiglu(gate, up):
+        sizes.append(gate.numel() // gate.shape[-1])
+        return TORCH.swiglu(gate, up)
+
+    def geglu(gate, up, approximate="tanh"):
+        sizes.append(gate.numel() // gate.shape[-1])
+        return TORCH.geglu(gate, up, approximate)
+
+    return dataclasses.replace(TORCH, swiglu=swiglu, geglu=geglu)
+
+
+def step(tiny, model, ids):
+    """(loss, LoRA gradients) of one training step: the forward with labels and the backward, nothing more."""
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("targets", ["all", "attention only"])
+def test_every_architecture_gives_the_same_loss_and_gradients_in_chunks(tiny, arch, targets, monkeypatch):
+    # 2 x 13 = 26 rows in chunks of 4: six whole chunks and one of 2. Gemma 2 and 3 norm the MLP's output (its
+    # value is read in the replay); Phi-3's gate and up are one projection.
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    options = {} if targets == "all" else {"target_modules": ["q_proj", "v_proj", "qkv_proj"]}
+    ids = tiny.batch()
+    plain = tiny.lora(tiny.base(arch), **options)
+    expected = step(tiny, plain, ids)
+    model = tiny.lora(tiny.base(arch), **options)
+    sizes = []
+    ensure_patched(model, kernels=spied(sizes))
+    enable_offloaded_checkpointing(model)
+    loss, grads = step(tiny, model, ids)
+    assert sizes and max(sizes) == 4 and 2 in sizes  # every activation a chunk's, in forward and backward
+    assert tiny.rel(loss, expected[0]) < 1e-5
+    assert grads.keys() == expected[1].keys() and grads
+    for name, grad in expected[1].items():
+        assert tiny.rel(grads[name], grad) < 1e-4, name
+
+
+def test_short_inputs_and_layers_outside_a_checkpoint_run_whole(tiny, monkeypatch):
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 14)  # 26 rows are under two chunks: whole
+    ids = tiny.batch()
+    for checkpointed in (True, False):
+        model = tiny.lora(tiny.base())
+        sizes = []
+        ensure_patched(model, kernels=spied(sizes))
+        if checkpointed:
+            enable_offloaded_checkpointing(model)
+        step(tiny, model, ids)
+        assert set(sizes) == {26}
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)  # long enough now, but not checkpointed: whole
+    sizes = []
+    model = tiny.lora(tiny.base())
+    ensure_patched(model, kernels=spied(sizes))
+    step(tiny, model, ids)
+    assert set(sizes) == {26}
+
+
+@pytest.mark.parametrize("chunk", [4, 14])
+def test_no_tensor_saved_for_the_backward_holds_more_than_a_chunk_of_the_intermediate_size(tiny, monkeypatch,
+                                                                                            chunk):
+    # 14: under two chunks, so the MLP runs whole and its replay saves gate and up for all 26 rows.
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", chunk)
+    model = tiny.lora(tiny.base(intermediate_size=96))  # not the vocabulary's 128, which the logits have
+    ensure_patched(model, kernels="torch")
+    enable_offloaded_checkpointing(model)
+    intermediate = model.config.intermediate_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    rows = []
+
+    def pack(t):  # activations of the intermediate size: the weights (down_proj's, its LoRA A) are not
+        if t.dim() and t.shape[-1] == intermediate and t.untyped_storage().data_ptr() not in weights:
+            rows.append(t.numel() // intermediate)
+        return t
+
+    model.train()
+    ids = tiny.batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the replay saves in the backward
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert rows and max(rows) == (4 if chunk == 4 else 26)
