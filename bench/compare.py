@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 420  # one configuration's process, model build included
-LONGEST_TIMEOUT_S = 590  # one step at the longest lengths: 214 s at 262,144 tokens (8B), quadratic beyond
+LONGEST_TIMEOUT_S = 590  # each step of a --longest search: 214 s at 262,144 tokens (8B), quadratic beyond
 
 
 def installed(module: str) -> bool:
@@ -116,7 +116,7 @@ def longest(script: str, variant: str, limit: int, lengths: list[int] | None = N
     return {"variant": variant, "longest": best, "first_failure": None}
 
 
-def lengths(args: argparse.Namespace) -> list[int] | None:
+def longest_lengths(args: argparse.Namespace) -> list[int] | None:
     return sorted(map(int, args.longest_lengths.split(","))) if args.longest_lengths else None
 
 
@@ -151,7 +151,7 @@ def speed(args: argparse.Namespace) -> dict:
     report: dict = {"results": results}
     if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
         checkpoint = base(args, "8b") if installed("unsloth") else None
-        report["longest"] = [longest("train_bench.py", variant, args.longest_limit, lengths(args), size="8b",
+        report["longest"] = [longest("train_bench.py", variant, args.longest_limit, longest_lengths(args), size="8b",
                                      gc=True, memory_gib=args.memory_gib,
                                      checkpoint=checkpoint if variant == "unsloth" else None)
                              for variant, gc in speed_variants() if gc]
@@ -176,7 +176,7 @@ def qlora(args: argparse.Namespace) -> dict:
         for bs in map(int, str(args.bs).split(",")) for variant in chosen]
     report: dict = {"results": results}
     if args.longest:
-        report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, lengths(args),
+        report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, longest_lengths(args),
                                      checkpoint=checkpoint, memory_gib=args.memory_gib)
                              for variant in chosen if variant in ("hf", "unsloth", "ours-bf16-offload", "liger")]
     hf = hf_rates(results, lambda r: r.get("bs"))

@@ -29,7 +29,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .replay import RECORD, REPLAY, Tape, taping
+from .parameters import trainable_parameters
+from .replay import RECOMPUTE, RECORD, REPLAY, Tape, taping
 
 _STREAMS: dict[Any, Any] = {}
 _LAST: dict[Any, Any] = {}  # device -> weak reference to the most recent layer's _Saved
@@ -104,12 +105,11 @@ def _pinned_bytes(t: Any) -> int:
 
 
 def _to_host(t: Any, stream: Any) -> list[tuple[Any, int]]:
-    """Copies of `t`'s bytes into pinned pieces on `stream`: [(piece, bytes used)]."""
+    """Copies of the contiguous `t`'s bytes into pinned pieces on `stream`: [(piece, bytes used)]."""
     import torch
 
-    flat = t.detach().contiguous()
-    flat.record_stream(stream)  # the caching allocator must not reuse it before the copies end
-    flat = flat.view(-1).view(torch.uint8)
+    t.record_stream(stream)  # the caching allocator must not reuse it before the copies end
+    flat = t.view(-1).view(torch.uint8)
     out, start = [], 0
     with torch.cuda.stream(stream):
         for size in _pieces(flat.numel()):
@@ -190,6 +190,7 @@ class _Saved:
         if not self.cuda:  # on the CPU (or over the host budget) nothing moves
             self.host, self.fetched = None, [t.detach() for t in tensors]
             return
+        tensors = [t.detach().contiguous() for t in tensors]  # a strided one's copy, before the side stream waits
         stream = _side_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         self.layout = [(t.shape, t.dtype) for t in tensors]
@@ -233,7 +234,7 @@ class _Saved:
     def _release(self) -> None:
         if self.budget is not None:
             self.budget.leave(self.charged)
-        self.budget = None  # once: a retained graph's second backward gives nothing back again
+        self.budget = None  # once per layer, whichever of take() and __del__ comes first
 
     def __del__(self) -> None:  # a step abandoned before its backward
         self._release()
@@ -264,7 +265,7 @@ def _function() -> type:
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
-            replay = Tape(REPLAY, sums) if ctx.saved.complete else None  # None: recompute the whole layer
+            replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
             with torch.random.fork_rng(devices=devices), taping(replay):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
@@ -294,29 +295,6 @@ def _layer_of(function: Callable[..., Any]) -> Any:
 
     candidates = [*getattr(function, "args", ())[:1], getattr(getattr(function, "func", function), "__self__", None)]
     return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
-
-
-def fsdp_unit(module: Any) -> bool:
-    """Whether `module` is an FSDP2 unit, whose parameters FSDP swaps between forward and backward."""
-    return any(k.__name__ == "FSDPModule" for k in type(module).__mro__)
-
-
-def trainable_parameters(module: Any) -> list[Any]:
-    """The parameters of `module` and its submodules that require grad, once each; none for an FSDP2 unit, whose
-    hooks need the gradients accumulated in place."""
-    if module is None or fsdp_unit(module):
-        return []
-    # Module.parameters() builds every submodule's dotted name: several times slower than this walk, once
-    # per layer and step on both sides of the checkpoint.
-    found, seen, stack = [], set(), [module]
-    while stack:
-        module = stack.pop()
-        for p in module._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                found.append(p)
-        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
-    return found
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -6,7 +6,8 @@ checkpoint (which recomputes the layer anyway) a long input runs in chunks of `C
 
 - the layer's first forward (no grad) computes the output chunk by chunk, keeping nothing;
 - the replay keeps the MLP's input only (its output is a placeholder where the layer's sum is recorded), and
-  its backward recomputes one chunk at a time, passing each chunk's gradient back before the next.
+  its backward recomputes one chunk at a time, passing each chunk's gradient back before the next;
+- a layer replayed in full (its inner sum did not fit on the host) does the same, with the output computed.
 
 So the recomputation does the MLP's work once, as the replay did, and its largest tensors are a chunk's.
 Where the layer norms the MLP's output before its residual sum (Gemma 2 and 3), the replay reads that value:
@@ -18,7 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from .checkpoint import fsdp_unit, trainable_parameters
+from .parameters import fsdp_unit, trainable_parameters
 from .replay import REPLAY, Tape, active, taping
 
 CHUNK_TOKENS = 32768  # 0.9 GiB of gate (or up) at an 8B model's intermediate size, in bf16
@@ -26,18 +27,28 @@ CHUNK_TOKENS = 32768  # 0.9 GiB of gate (or up) at an 8B model's intermediate si
 
 def chunked_mlp(module: Any, run: Callable[[Any], Any], x: Any) -> Any | None:
     """`run(x)`, the MLP `module`'s forward, in chunks of rows inside a checkpoint; None where the MLP should
-    run whole (an FSDP2 unit too: its hooks expect the gradients accumulated in place, in one backward)."""
+    run whole. Also whole: an FSDP2 unit (its hooks expect the gradients accumulated in place, in one
+    backward), and an MLP that draws random numbers (dropout in training), whose chunks' recomputation in the
+    backward, outside the checkpoint's restored RNG, would draw other masks."""
     import torch
 
     tape = active()
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if tape is None or rows < 2 * CHUNK_TOKENS or fsdp_unit(module):
+    if tape is None or rows < 2 * CHUNK_TOKENS or fsdp_unit(module) or _draws(module):
         return None
     if not torch.is_grad_enabled():  # the first forward: nothing is kept
         return _in_chunks(run, x)
-    values = tape.mode != REPLAY or not tape.defer_outputs  # a normed output (Gemma's sandwich) is read
+    # The output is read where the layer norms it (Gemma's sandwich) and where the layer is replayed in full.
+    values = tape.mode != REPLAY or not tape.defer_outputs
     # The trainable parameters are inputs, so that their gradients leave through this Function's edges.
     return _function().apply(run, values, x, *trainable_parameters(module))
+
+
+def _draws(module: Any) -> bool:
+    import torch.nn as nn
+
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    return module.training and any(isinstance(m, dropouts) and m.p > 0 for m in module.modules())
 
 
 def _in_chunks(run: Callable[[Any], Any], x: Any) -> Any:
@@ -80,9 +91,10 @@ def _function() -> type:
                 got = torch.autograd.grad(out, [part, *params], grads[start:start + part.shape[0]],
                                           allow_unused=True)
                 dx[start:start + part.shape[0]] = got[0]
-                for i, g in enumerate(got[1:]):
+                for i, g in enumerate(got[1:]):  # summed over the chunks in fp32, as the kernels accumulate
                     if g is not None:
-                        dparams[i] = g if dparams[i] is None else dparams[i].add_(g)
+                        dparams[i] = g.float() if dparams[i] is None else dparams[i].add_(g)
+            dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
             return (None, None, dx.view(x.shape), *dparams)
 
     return ChunkedMLP

@@ -109,8 +109,10 @@ def _hooked(module: Any) -> bool:
     # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward. Read from
     # the instance's own dictionary, without a generator: this runs four times per projection and call.
     own = module.__dict__
-    return bool(own.get("_forward_hooks") or own.get("_forward_pre_hooks") or own.get("_backward_hooks")
-                or own.get("_backward_pre_hooks")) or "forward" in own
+    for name in _HOOKS:
+        if own.get(name):
+            return True
+    return "forward" in own
 
 
 def _global_hooks() -> bool:

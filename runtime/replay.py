@@ -24,6 +24,7 @@ from typing import Any
 from .projection import gradient_only, project
 
 RECORD, REPLAY = "record", "replay"
+RECOMPUTE = "recompute"  # a layer replayed in full (nothing recorded): the sums and projections are plain
 
 
 @dataclass
@@ -83,7 +84,7 @@ def residual_add(residual: Any, delta: Any, *, last: bool) -> Any:
     """`residual + delta`; inside a checkpoint, recorded (inner sums) or replayed from the record. `last`
     marks the layer's output sum, which the backward never reads."""
     tape = active()
-    if tape is None:
+    if tape is None or tape.mode == RECOMPUTE:
         return residual + delta
     if tape.mode == RECORD:
         out = residual + delta

@@ -203,9 +203,16 @@ def test_offloaded_checkpointing_on_4bit_bases(stand_in_bnb, monkeypatch, chunk_
         monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", chunk_tokens)
     model = tiny_4bit(nested=True)
     expected = step(model, IDS)
-    ensure_patched(model, kernels="torch")
+    rows = []
+
+    def swiglu(gate, up):
+        rows.append(gate.numel() // gate.shape[-1])
+        return TORCH.swiglu(gate, up)
+
+    ensure_patched(model, kernels=dataclasses.replace(TORCH, swiglu=swiglu))
     assert enable_offloaded_checkpointing(model) == 2
     got = step(model, IDS)
+    assert max(rows) == (chunk_tokens or 22)
     assert rel(got[0], expected[0]) <= 1e-5
     assert max(rel(got[1][n], expected[1][n]) for n in expected[1]) <= 1e-4
 

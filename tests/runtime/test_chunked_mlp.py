@@ -50,6 +50,47 @@ def test_every_architecture_gives_the_same_loss_and_gradients_in_chunks(tiny, ar
         assert tiny.rel(grads[name], grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_layers_replayed_in_full_chunk_their_mlp_too(tiny, model_type, monkeypatch):
+    # Room on the host for the two layers' inputs only (2 x 13 x 64 fp32, pinned as 8 KiB each): both replay
+    # in full, their MLP output feeding a real residual sum.
+    from adapter_doctor.runtime import host_plan
+
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    ids = tiny.batch()
+    expected = step(tiny, tiny.lora(tiny.base(model_type)), ids)
+    model = tiny.lora(tiny.base(model_type))
+    sizes = []
+    ensure_patched(model, kernels=spied(sizes))
+    enable_offloaded_checkpointing(model, host_memory_gib=2 * 8192 / 2**30)
+    loss, grads = step(tiny, model, ids)
+    assert host_plan(model).layers_input_only == 2
+    assert max(sizes) == 4
+    assert tiny.rel(loss, expected[0]) < 1e-5
+    for name, grad in expected[1].items():
+        assert tiny.rel(grads[name], grad) < 1e-4, name
+
+
+def test_an_mlp_with_dropout_runs_whole_and_its_gradients_follow_its_masks(tiny, monkeypatch):
+    # LoRA dropout draws masks; a chunk recomputed in the backward, outside the checkpoint's restored RNG,
+    # would draw others. The checkpoint's own replay draws the same ones: exact against the plain step.
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    ids = tiny.batch()
+    plain = tiny.lora(tiny.base(), lora_dropout=0.1)
+    torch.manual_seed(7)
+    expected = step(tiny, plain, ids)
+    model = tiny.lora(tiny.base(), lora_dropout=0.1)
+    sizes = []
+    ensure_patched(model, kernels=spied(sizes))
+    enable_offloaded_checkpointing(model)
+    torch.manual_seed(7)
+    loss, grads = step(tiny, model, ids)
+    assert set(sizes) == {26}
+    assert tiny.rel(loss, expected[0]) < 1e-5
+    for name, grad in expected[1].items():
+        assert tiny.rel(grads[name], grad) < 1e-4, name
+
+
 def test_short_inputs_and_layers_outside_a_checkpoint_run_whole(tiny, monkeypatch):
     monkeypatch.setattr(chunking, "CHUNK_TOKENS", 14)  # 26 rows are under two chunks: whole
     ids = tiny.batch()

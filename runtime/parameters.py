@@ -1,0 +1,28 @@
+"""The trainable parameters a recomputing autograd Function takes as inputs, so that their gradients leave
+through its edges (DDP with find_unused_parameters walks the graph from the loss and must find them)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def fsdp_unit(module: Any) -> bool:
+    """Whether `module` is an FSDP2 unit, whose parameters FSDP swaps between forward and backward."""
+    return any(k.__name__ == "FSDPModule" for k in type(module).__mro__)
+
+
+def trainable_parameters(module: Any) -> list[Any]:
+    """The parameters of `module` and its submodules that require grad, once each; none for an FSDP2 unit, whose
+    hooks need the gradients accumulated in place."""
+    if module is None or fsdp_unit(module):
+        return []
+    # Module.parameters() builds every submodule's dotted name: several times slower than this walk, once
+    # per layer and step on both sides of the checkpoint.
+    found, seen, stack = [], set(), [module]
+    while stack:
+        module = stack.pop()
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                found.append(p)
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return found
