@@ -178,10 +178,11 @@ def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned
 
     model = lora_llama()
     ensure_patched(model)
+    before = available_host_memory()
     enable_offloaded_checkpointing(model)
+    after = available_host_memory()  # other processes may take or give back memory in between
     plan = host_plan(model)
-    available = available_host_memory()
-    assert available and 0.8 * available < plan.limit <= 0.9 * available
+    assert before and after and 0.8 * min(before, after) < plan.limit <= 0.9 * max(before, after)
     model.train()
     loss = model(input_ids=BATCH, labels=BATCH).loss  # a forward whose backward never comes
     assert plan.layers_offloaded == 3 and plan.held == 3 * 2 * 4096 and plan.pending == 3
