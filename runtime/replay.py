@@ -12,7 +12,8 @@ layer's inner residual sum (attention output + input) during the forward, and du
 
 That leaves about 35% of a Llama layer's forward GEMM work out of the replay, for one more hidden-size tensor
 per layer held (offloaded to host memory by `checkpoint.py`). Outside a checkpoint, and in a layer replayed in
-full because its sum was not kept (`RECOMPUTE`), both helpers are the plain operations. Layers whose projections cannot take the fused path run them as modules: still exact, only slower.
+full because its sum was not kept (`RECOMPUTE`), both helpers are the plain operations. Layers whose
+projections cannot take the fused path run them as modules: still exact, only slower.
 """
 from __future__ import annotations
 
