@@ -165,6 +165,18 @@ def training_step(model: Any, inputs: Callable[[Any], dict] | None = None) -> Ca
     return step
 
 
+def host_plan_gib(model: Any) -> dict | None:
+    """What offloaded checkpointing's host-memory plan did in the last step (sizes in GiB), or None."""
+    import dataclasses
+
+    from adapter_doctor.runtime import host_plan
+
+    plan = host_plan(model)
+    if plan is None:
+        return None
+    return {k: gib(v) if k in ("limit", "held", "peak") and v else v for k, v in dataclasses.asdict(plan).items()}
+
+
 def timed(step: Callable[[Any], Any], warmup: Iterable[Any], batches: list[Any], real_tokens: int) -> dict:
     """Run `step` on the warm-up batches, then time it over `batches`: real (non-padding) tokens per second,
     seconds per step, the timed steps' peak memory and the last loss."""

@@ -27,7 +27,7 @@ from harness import (  # noqa: E402
     cap_memory,
     emit,
     flops_per_token,
-    gib,
+    host_plan_gib,
     kernel_profile,
     model_config,
     targets,
@@ -116,12 +116,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", **versions(),
               "pid": os.getpid()}
     if args.variant == "ours" and args.gc:  # what the host-memory plan did with the layers' saved tensors
-        import dataclasses
-
-        from adapter_doctor.runtime import host_plan
-
-        result["host_plan"] = {k: gib(v) if k in ("limit", "held", "peak") and v else v
-                               for k, v in dataclasses.asdict(host_plan(model)).items()}
+        result["host_plan"] = host_plan_gib(model)
     if args.profile and device == "cuda":
         result["profile"] = kernel_profile(step, ids)
     emit(result)

@@ -15,8 +15,8 @@ between forward and backward, or across layers. That costs one dequantization pa
 a few percent of a layer's GEMM time at training batch sizes), against a GEMM with dequantization fused into its
 operand load, which cuBLAS cannot do. The base GEMMs run in the layer's compute dtype (x cast to it, the
 output cast back), as the base's own matmul does; the low-rank term runs in x's dtype, so that an fp32 residual
-stream (prepare_model_for_kbit_training's) keeps PEFT's fp32 adapter arithmetic. Adapter gradients accumulate in
-fp32.
+stream (prepare_model_for_kbit_training's) keeps PEFT's fp32 adapter arithmetic. The adapters' casts to it are
+made once and saved for the backward (`lora_linear.low_rank`). Adapter gradients accumulate in fp32.
 
 The kernels know nothing of PEFT or bitsandbytes: they take `Packed4bit` and `Lora4bitParts` of plain tensors
 and ints; `runtime/eligibility.py` reads them out of the layers.
@@ -28,7 +28,7 @@ import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ._triton import autocast_on, jit, lazy_functions, on_triton
-from .lora_linear import lora_a_terms, mm_fp32, rank_columns
+from .lora_linear import LowRank, lora_a_terms, low_rank, mm_fp32, rank_columns, scaled_dxa, unpack_saved
 
 if TYPE_CHECKING:
     import torch
@@ -115,23 +115,24 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor 
 
     if w.blocksize % 2:
         raise ValueError(f"blocksize {w.blocksize} is odd: a packed byte would straddle two blocks")
-    n = math.prod(w.shape)
+    n = w.shape[0] * w.shape[1]
     if out is None:
         out = torch.empty(n, dtype=dtype, device=w.data.device)
     elif out.dtype != dtype or out.numel() < n or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor of the requested dtype with room for the weight")
-    flat = out.reshape(-1)
-    data = w.data.reshape(-1).view(torch.uint8)
+    data = w.data  # the kernel reads bytes from its first address: views only where they are not bytes yet
+    if data.dtype != torch.uint8 or not data.is_contiguous():
+        data = data.reshape(-1).view(torch.uint8)
     nested = w.nested
     dummy = w.absmax  # any tensor on the device for the pointers a non-nested launch does not read
     grid = (-(-data.numel() // BLOCK_BYTES),)  # ceil: the last program's bytes are masked
     # No fused multiply-add: the nested absmax is rounded after the product and after the offset, as
     # bitsandbytes rounds it (the interpreter ignores the option).
     _dequant4bit_kernel[grid](data, w.absmax, w.code, w.nested_absmax if nested else dummy,
-                              w.nested_code if nested else dummy, w.offset if nested else dummy, flat, n,
+                              w.nested_code if nested else dummy, w.offset if nested else dummy, out, n,
                               BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize if nested else 1,
                               NESTED=nested, BLOCK=BLOCK_BYTES, num_warps=4, enable_fp_fusion=False)
-    return flat[:n].view(w.shape)
+    return (out if out.numel() == n else out.reshape(-1)[:n]).view(w.shape)
 
 
 def dequantize_4bit(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,19 +166,19 @@ def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any) -> to
     return torch.empty(max(math.prod(p.weight.shape) for p in parts_list), dtype=dtype, device=device)
 
 
-def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
-                     compute: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compute: Any,
+                     low: LowRank) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(outputs in x's dtype, x·Aᵀ of every projection side by side): one GEMM with the A's stacked, then per
     projection its weight dequantized into the scratch buffer, the base GEMM in the compute dtype (bias in its
     epilogue) and the scaled low-rank product added by addmm in x's dtype."""
     import torch
 
     dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
-    xa = rows @ torch.cat([p.lora_a.to(dtype) for p in parts_list]).T
+    xa = rows @ low.stacked_a.T
     rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
     scratch = _scratch(parts_list, compute, x.device)
     outputs = []
-    for p, cols in zip(parts_list, rank_columns(parts_list)):
+    for p, b, cols in zip(parts_list, low.bs, rank_columns(parts_list)):
         weight = dequantize_4bit(p.weight, compute, scratch)
         y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=compute, device=x.device)
         flat = y.view(-1, y.shape[-1])
@@ -188,29 +189,26 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts],
         if compute != dtype:  # the base's output comes back in the input's dtype, as Linear4bit returns it
             y = y.to(dtype)
             flat = y.view(-1, y.shape[-1])
-        flat.addmm_(xa[:, cols], p.lora_b.to(dtype).T, alpha=p.scaling)
+        flat.addmm_(xa[:, cols], b.T, alpha=p.scaling)
         outputs.append(y)
     return outputs, xa
 
 
 def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa: torch.Tensor,
-                      parts_list: Sequence[Lora4bitParts], compute: Any, need_x: bool,
+                      parts_list: Sequence[Lora4bitParts], low: LowRank, compute: Any, need_x: bool,
                       need: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """(dx rows, [db, dA, dB per projection]); `need` has three flags per projection in that order. dx sums
     dY·W over the projections, each W dequantized again into one scratch buffer (the GEMM in the compute dtype,
     summed in x's), plus (Σ s·dY·B)·A."""
-    import torch
-
     dtype = rows.dtype
     grads: list[torch.Tensor | None] = [None] * (3 * len(parts_list))
     columns = rank_columns(parts_list)
     used = [i for i, dy in enumerate(dys) if dy is not None]
-    dxa = torch.zeros_like(xa)
+    dxa = scaled_dxa(dys, xa, parts_list, low)
     dx, scratch = None, _scratch(parts_list, compute, rows.device) if need_x and used else None
     for i in used:
         dy, p, cols = dys[i], parts_list[i], columns[i]
         need_b, _, need_lora_b = need[3 * i:3 * i + 3]
-        dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
         if need_lora_b:
             grads[3 * i + 2] = mm_fp32(dy.T, xa[:, cols]).mul_(p.scaling).to(p.lora_b.dtype)
         if need_b:
@@ -222,7 +220,7 @@ def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa
             else:
                 part = mm_fp32(dy.to(compute), weight).to(dtype)
                 dx = part if dx is None else dx.add_(part)
-    return lora_a_terms(dx, dxa, rows, parts_list, used, [3 * i + 1 for i in range(len(parts_list))], need,
+    return lora_a_terms(dx, dxa, rows, parts_list, low, used, [3 * i + 1 for i in range(len(parts_list))], need,
                         grads), grads
 
 
@@ -242,12 +240,13 @@ def _lora4bit_function() -> type:
         def forward(ctx: Any, x: torch.Tensor, packed: tuple[Packed4bit, ...], scalings: tuple[float, ...],
                     compute: Any, values: bool, *tensors: Any) -> tuple[torch.Tensor, ...]:
             parts_list = _parts(packed, tensors, scalings)
+            low = low_rank(parts_list, x.dtype)
             if values:
-                outputs, xa = lora4bit_forward(x, parts_list, compute)
+                outputs, xa = lora4bit_forward(x, parts_list, compute, low)
             else:  # a replay that needs only the backward: x·Aᵀ is all it reads
-                xa = x.reshape(-1, x.shape[-1]) @ torch.cat([p.lora_a.to(x.dtype) for p in parts_list]).T
+                xa = x.reshape(-1, x.shape[-1]) @ low.stacked_a.T
                 outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
-            ctx.save_for_backward(x, xa, *tensors)
+            ctx.save_for_backward(x, xa, low.stacked_a, *low.bs, *tensors)
             ctx.set_materialize_grads(False)
             ctx.packed, ctx.scalings, ctx.compute = packed, scalings, compute  # the base's own tensors
             return tuple(outputs)
@@ -255,11 +254,11 @@ def _lora4bit_function() -> type:
         @staticmethod
         @once_differentiable
         def backward(ctx: Any, *dys: torch.Tensor) -> tuple[Any, ...]:
-            x, xa, *tensors = ctx.saved_tensors
+            x, xa, low, tensors = unpack_saved(ctx.saved_tensors, len(ctx.scalings))
             parts_list = _parts(ctx.packed, tensors, ctx.scalings)
             rows = x.reshape(-1, x.shape[-1])
             dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
-            dx, grads = lora4bit_backward(dys, rows, xa, parts_list, ctx.compute, ctx.needs_input_grad[0],
+            dx, grads = lora4bit_backward(dys, rows, xa, parts_list, low, ctx.compute, ctx.needs_input_grad[0],
                                           ctx.needs_input_grad[5:])
             return (None if dx is None else dx.view(x.shape), None, None, None, None, *grads)
 

@@ -5,8 +5,9 @@ of x with the A's stacked, and what it saves is x, once, plus the rank-r product
 projection, nor the fp32 copy of x that PEFT's order makes for fp32 adapters on a bf16 base. Every GEMM is
 cuBLAS, and the scaled low-rank term is added into the base output by addmm (its beta=1 epilogue), so there is
 no Triton kernel here. Backward computes dx (summed over the projections in one buffer), dA and dB; W is
-frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype; adapter gradients are
-accumulated in fp32 and returned in the adapters' dtype.
+frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype: the forward casts the
+adapters once and saves the casts (parameter-sized, a few MB a layer), so that the backward does not cast them
+again. Adapter gradients are accumulated in fp32 and returned in the adapters' dtype.
 
 The kernels know nothing of PEFT: they take `LoraParts`. Which layers may run here, and their parts, the
 runtime decides (`runtime/eligibility.py`).
@@ -57,16 +58,45 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> tuple[list[torch.Tensor], torch.Tensor]:
+class LowRank(NamedTuple):
+    """The adapters of a group of projections in the input's dtype: the A's stacked, and each B."""
+    stacked_a: torch.Tensor  # [sum of ranks, in]
+    bs: list[torch.Tensor]  # [out, r] each
+
+
+def low_rank(parts_list: Sequence[Any], dtype: torch.dtype) -> LowRank:
+    """The A's stacked and the B's in `dtype`, in as few launches as a cast needs: one cat writes the cast."""
+    import torch
+
+    a_s = [p.lora_a for p in parts_list]
+    if len(a_s) == 1:
+        stacked = a_s[0].to(dtype)
+    else:
+        stacked = torch.empty((sum(a.shape[0] for a in a_s), a_s[0].shape[1]), dtype=dtype, device=a_s[0].device)
+        torch.cat(a_s, out=stacked)
+    return LowRank(stacked, [p.lora_b.to(dtype) for p in parts_list])
+
+
+def scaled_dxa(dys: Sequence[torch.Tensor | None], xa: torch.Tensor, parts_list: Sequence[Any],
+               low: LowRank) -> torch.Tensor:
+    """d(x·Aᵀ) of every projection side by side: s·dY·B where dY exists, zeros where it does not."""
+    import torch
+
+    pieces = [xa.new_zeros((xa.shape[0], p.lora_a.shape[0])) if dy is None else torch.mm(dy, b).mul_(p.scaling)
+              for dy, p, b in zip(dys, parts_list, low.bs)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts],
+                       low: LowRank) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(outputs, x·Aᵀ of every projection side by side): one GEMM of x with all the A's stacked, then per
     projection the base GEMM (bias in its epilogue) and the scaled low-rank product added into it by addmm."""
     import torch
 
     dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
-    stacked = torch.cat([p.lora_a.to(dtype) for p in parts_list])
-    xa = rows @ stacked.T  # [rows, sum of ranks]: the only activation saved besides x
+    xa = rows @ low.stacked_a.T  # [rows, sum of ranks]: the only activation saved besides x
     outputs = []
-    for p, cols in zip(parts_list, rank_columns(parts_list)):
+    for p, b, cols in zip(parts_list, low.bs, rank_columns(parts_list)):
         # Written through a 2-D view of a fresh tensor, so that each output is a tensor of its own (not a view),
         # which later in-place kernels (RoPE on q and k) may update.
         y = torch.empty((*x.shape[:-1], p.weight.shape[0]), dtype=dtype, device=x.device)
@@ -75,29 +105,25 @@ def lora_multi_forward(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> tupl
             torch.mm(rows, p.weight.T, out=flat)
         else:
             torch.addmm(p.bias, rows, p.weight.T, out=flat)
-        flat.addmm_(xa[:, cols], p.lora_b.to(dtype).T, alpha=p.scaling)
+        flat.addmm_(xa[:, cols], b.T, alpha=p.scaling)
         outputs.append(y)
     return outputs, xa
 
 
 def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa: torch.Tensor,
-                        parts_list: Sequence[LoraParts], need_x: bool,
+                        parts_list: Sequence[LoraParts], low: LowRank, need_x: bool,
                         need: Sequence[bool]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """(dx rows, [dW, db, dA, dB per projection]); `need` has four flags per projection in that order, and a
     projection whose output got no gradient (dy None) gets None. dx = Σ dY·W + (Σ s·dY·B)·A accumulates in one
     buffer; dA for every projection comes from one GEMM of the stacked d(x·Aᵀ) with x."""
-    import torch
-
-    dtype = rows.dtype
     grads: list[torch.Tensor | None] = [None] * (4 * len(parts_list))
     columns = rank_columns(parts_list)
     used = [i for i, dy in enumerate(dys) if dy is not None]
-    dxa = torch.zeros_like(xa)
+    dxa = scaled_dxa(dys, xa, parts_list, low)
     dx = None
     for i in used:
         dy, p, cols = dys[i], parts_list[i], columns[i]
         need_w, need_b, _, need_lora_b = need[4 * i:4 * i + 4]
-        dxa[:, cols] = torch.mm(dy, p.lora_b.to(dtype)).mul_(p.scaling)
         if need_lora_b:
             grads[4 * i + 3] = mm_fp32(dy.T, xa[:, cols]).mul_(p.scaling).to(p.lora_b.dtype)
         if need_w:
@@ -106,7 +132,7 @@ def lora_multi_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, 
             grads[4 * i + 1] = dy.sum(0).to(p.bias.dtype)
         if need_x:
             dx = dy @ p.weight if dx is None else dx.addmm_(dy, p.weight)
-    return lora_a_terms(dx, dxa, rows, parts_list, used, [4 * i + 2 for i in range(len(parts_list))], need,
+    return lora_a_terms(dx, dxa, rows, parts_list, low, used, [4 * i + 2 for i in range(len(parts_list))], need,
                         grads), grads
 
 
@@ -120,22 +146,27 @@ def rank_columns(parts_list: Sequence[Any]) -> list[slice]:
 
 
 def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor, parts_list: Sequence[Any],
-                 used: Sequence[int], slots: Sequence[int], need: Sequence[bool],
+                 low: LowRank, used: Sequence[int], slots: Sequence[int], need: Sequence[bool],
                  grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     """What every multi-projection LoRA backward ends with, given d(x·Aᵀ) of all projections side by side in
     `dxa`: each projection's dA (into `grads[slots[i]]`, where `need` asks) from one GEMM with x, and
     dx += d(x·Aᵀ)·A over the stacked As."""
-    import torch
 
-    columns = rank_columns(parts_list)
     if any(need[slots[i]] for i in used):
+        columns = rank_columns(parts_list)
         d_stacked = mm_fp32(dxa.T, rows)
         for i in used:
             if need[slots[i]]:
                 grads[slots[i]] = d_stacked[columns[i]].to(parts_list[i].lora_a.dtype)
     if dx is not None:
-        dx.addmm_(dxa, torch.cat([p.lora_a.to(rows.dtype) for p in parts_list]))
+        dx.addmm_(dxa, low.stacked_a)
     return dx
+
+
+def unpack_saved(saved: Sequence[Any], count: int) -> tuple[Any, Any, LowRank, Sequence[Any]]:
+    """(x, x·Aᵀ, the low-rank casts, the Function's tensor inputs) from what forward saved in that order."""
+    x, xa, stacked, *rest = saved
+    return x, xa, LowRank(stacked, list(rest[:count])), rest[count:]
 
 
 def _parts(tensors: Sequence[Any], scalings: Sequence[float]) -> list[LoraParts]:
@@ -154,12 +185,13 @@ def _lora_function() -> type:
         def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], values: bool,
                     *tensors: Any) -> tuple[torch.Tensor, ...]:
             parts_list = _parts(tensors, scalings)
+            low = low_rank(parts_list, x.dtype)
             if values:
-                outputs, xa = lora_multi_forward(x, parts_list)
+                outputs, xa = lora_multi_forward(x, parts_list, low)
             else:  # only the gradients will be asked for: x·Aᵀ is all backward needs
-                xa = x.reshape(-1, x.shape[-1]) @ torch.cat([p.lora_a.to(x.dtype) for p in parts_list]).T
+                xa = x.reshape(-1, x.shape[-1]) @ low.stacked_a.T
                 outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
-            ctx.save_for_backward(x, xa, *tensors)
+            ctx.save_for_backward(x, xa, low.stacked_a, *low.bs, *tensors)
             ctx.set_materialize_grads(False)  # an unused projection's parameters then get None, as in PEFT
             ctx.scalings = scalings
             return tuple(outputs)
@@ -167,11 +199,11 @@ def _lora_function() -> type:
         @staticmethod
         @once_differentiable
         def backward(ctx: Any, *dys: torch.Tensor) -> tuple[Any, ...]:
-            x, xa, *tensors = ctx.saved_tensors
+            x, xa, low, tensors = unpack_saved(ctx.saved_tensors, len(ctx.scalings))
             parts_list = _parts(tensors, ctx.scalings)
             rows = x.reshape(-1, x.shape[-1])
             dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
-            dx, grads = lora_multi_backward(dys, rows, xa, parts_list, ctx.needs_input_grad[0],
+            dx, grads = lora_multi_backward(dys, rows, xa, parts_list, low, ctx.needs_input_grad[0],
                                             ctx.needs_input_grad[3:])
             return (None if dx is None else dx.view(x.shape), None, None, *grads)
 

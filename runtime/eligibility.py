@@ -115,10 +115,16 @@ def _hooked(module: Any) -> bool:
     return "forward" in own
 
 
-def _global_hooks() -> bool:
+@functools.cache
+def _global_hook_dicts() -> tuple[dict, ...]:
+    # torch's module-level registries of hooks on every module: mutated in place, never rebound.
     from torch.nn.modules import module
 
-    return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
+    return tuple(d for d in (getattr(module, f"_global{name}", None) for name in _HOOKS) if d is not None)
+
+
+def _global_hooks() -> bool:
+    return any(_global_hook_dicts())
 
 
 def _sharded(*tensors: Any) -> bool:
@@ -128,60 +134,70 @@ def _sharded(*tensors: Any) -> bool:
     return any(is_partial(t) for t in tensors)
 
 
-def why_not_fused(module: Any) -> str | None:  # noqa: C901, PLR0911 - one rule per return, read top to bottom
+def why_not_fused(module: Any) -> str | None:
     """Why this LoRA layer cannot take the fused path right now, or None when it can."""
+    return _examine(module)[0]
+
+
+def _examine(module: Any) -> tuple[str | None, tuple[Any, ...]]:  # noqa: C901, PLR0911 - one rule per return
+    """(why not, ()) or (None, (adapter name, base layer, A's weight, B's weight)): the eligibility rules, top to
+    bottom, and what `lora_parts` needs, each read once (every Module attribute is a dictionary walk, and this
+    runs for every projection at every call)."""
     import torch.nn as nn
 
     four_bit = _peft_lora_4bit()
     if type(module).forward not in (_peft_lora_linear().forward, getattr(four_bit, "forward", None)):
         if type(module).__module__.startswith("peft."):
-            return f"PEFT's {type(module).__name__} layer has no fused path"
-        return f"{type(module).__name__}.forward is not PEFT's"
+            return f"PEFT's {type(module).__name__} layer has no fused path", ()
+        return f"{type(module).__name__}.forward is not PEFT's", ()
     if module.disable_adapters:
-        return "adapters disabled"
+        return "adapters disabled", ()
     if module.merged:
-        return "adapter merged into the base weight"
-    active = [name for name in module.active_adapters if name in module.lora_A]
+        return "adapter merged into the base weight", ()
+    lora_as = module.lora_A
+    active = [name for name in module.active_adapters if name in lora_as]
     if len(active) != 1:
-        return f"{len(active)} active adapters"
+        return f"{len(active)} active adapters", ()
     name = active[0]
-    # Read once: each Module attribute is a dictionary walk, and this runs for every projection at every call.
-    base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
+    base, lora_a, lora_b = module.base_layer, lora_as[name], module.lora_B[name]
     if is_4bit_base(base):
         reason = why_not_4bit(base)
         if reason is not None:
-            return reason
+            return reason, ()
     elif not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
-        return f"base layer is {type(base).__name__}"
+        return f"base layer is {type(base).__name__}", ()
     if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
+        return "fan_in_fan_out", ()
     dropout = module.lora_dropout[name]
     if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) != 0.0:
-        return f"lora_dropout={getattr(dropout, 'p', type(dropout).__name__)}"
+        return f"lora_dropout={getattr(dropout, 'p', type(dropout).__name__)}", ()
     if getattr(module, "use_dora", {}).get(name, False):
-        return "DoRA"
+        return "DoRA", ()
     variants = getattr(module, "lora_variant", {})
     if name in variants:
-        return f"LoRA variant {type(variants[name]).__name__}"
+        return f"LoRA variant {type(variants[name]).__name__}", ()
     if lora_b.bias is not None:
-        return "lora_bias"
-    if _sharded(base.weight, lora_a.weight, lora_b.weight):
-        return "weights are shards (DTensor, ZeRO-3) that no hook gathered"
+        return "lora_bias", ()
+    weight, a, b = base.weight, lora_a.weight, lora_b.weight
+    if _sharded(weight, a, b):
+        return "weights are shards (DTensor, ZeRO-3) that no hook gathered", ()
     if not getattr(module, "cast_input_dtype_enabled", True):
-        return "input dtype casting disabled"
-    if any(_hooked(m) for m in (module, base, lora_a, lora_b)) or _global_hooks():
-        return "module hooks"
-    return None
+        return "input dtype casting disabled", ()
+    if _hooked(module) or _hooked(base) or _hooked(lora_a) or _hooked(lora_b) or _global_hooks():
+        return "module hooks", ()
+    return None, (name, base, a, b)
 
 
 def lora_parts(module: Any) -> LoraParts | Lora4bitParts | None:
     """(weight, bias, A, B, scaling) of an eligible LoRA layer, `Lora4bitParts` on a 4-bit base; None when it
     must be called as a module."""
-    if not is_lora_linear(module) or why_not_fused(module) is not None:
+    if not is_lora_linear(module):
         return None
-    name = next(n for n in module.active_adapters if n in module.lora_A)
-    base = module.base_layer
-    a, b, scaling = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+    reason, found = _examine(module)
+    if reason is not None:
+        return None
+    name, base, a, b = found
+    scaling = module.scaling[name]
     if is_4bit_base(base):
         compute = base.compute_dtype if getattr(base, "compute_type_is_set", True) else None
         return Lora4bitParts(packed_4bit(base.weight), base.bias, a, b, scaling, compute)

@@ -16,13 +16,15 @@ def trainable_parameters(module: Any) -> list[Any]:
     if module is None or fsdp_unit(module):
         return []
     # Module.parameters() builds every submodule's dotted name: several times slower than this walk, once
-    # per layer and step on both sides of the checkpoint.
-    found, seen, stack = [], set(), [module]
+    # per layer and step on both sides of the checkpoint. Keyed by id: a parameter shared by two submodules once.
+    found: dict[int, Any] = {}
+    stack = [module]
     while stack:
         module = stack.pop()
+        if module is None:  # a submodule slot set to None
+            continue
         for p in module._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                found.append(p)
-        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
-    return found
+            if p is not None and p.requires_grad:
+                found[id(p)] = p  # a key seen before keeps its place
+        stack.extend(module._modules.values())
+    return list(found.values())

@@ -3,22 +3,22 @@ import dataclasses
 
 import pytest
 import torch
-from adapter_doctor.kernels import TORCH
+from adapter_doctor.kernels import TORCH, TRITON
 from adapter_doctor.runtime import chunked_mlp as chunking
 from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched
 
 
-def spied(sizes):
-    """The torch kernel set, recording the rows of every gated activation it computes."""
+def spied(sizes, kernels=TORCH):
+    """`kernels` (the torch set by default), recording the rows of every gated activation it computes."""
     def swiglu(gate, up):
         sizes.append(gate.numel() // gate.shape[-1])
-        return TORCH.swiglu(gate, up)
+        return kernels.swiglu(gate, up)
 
     def geglu(gate, up, approximate="tanh"):
         sizes.append(gate.numel() // gate.shape[-1])
-        return TORCH.geglu(gate, up, approximate)
+        return kernels.geglu(gate, up, approximate)
 
-    return dataclasses.replace(TORCH, swiglu=swiglu, geglu=geglu)
+    return dataclasses.replace(kernels, swiglu=swiglu, geglu=geglu)
 
 
 def step(tiny, model, ids):
@@ -132,3 +132,29 @@ def test_no_tensor_saved_for_the_backward_holds_more_than_a_chunk_of_the_interme
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the replay saves in the backward
         model(input_ids=ids, labels=ids).loss.backward()
     assert rows and max(rows) == (4 if chunk == 4 else 26)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("host_gib", [None, 2 * 8192 / 2**30], ids=["offloaded", "inputs only"])
+def test_on_the_gpu_the_fused_kernels_in_chunks_match_plain_training(tiny, host_gib, monkeypatch):
+    # The CUDA path: the fused LoRA Functions and the Triton SwiGLU run chunk by chunk, in layers replayed
+    # with their recorded sum and in layers replayed in full.
+    from adapter_doctor.runtime import host_plan
+
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    ids = tiny.batch().cuda()
+    plain = tiny.lora(tiny.base()).cuda()
+    ensure_patched(plain)
+    expected = step(tiny, plain, ids)
+    model = tiny.lora(tiny.base()).cuda()
+    sizes = []
+    ensure_patched(model, kernels=spied(sizes, TRITON))
+    enable_offloaded_checkpointing(model, host_memory_gib=host_gib)
+    loss, grads = step(tiny, model, ids)
+    assert max(sizes) == 4 and 2 in sizes
+    assert host_plan(model).layers_input_only == (0 if host_gib is None else 2)
+    assert tiny.rel(loss, expected[0]) < 1e-5
+    assert grads.keys() == expected[1].keys() and grads
+    for name, grad in expected[1].items():
+        assert tiny.rel(grads[name], grad) < 1e-4, name
