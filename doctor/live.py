@@ -13,6 +13,7 @@ from .checks.patch import (
     FOREIGN,
     FROZEN,
     MIXED,
+    OFFLOAD_REPLACED,
     OURS,
     PACKED,
     PROJECTIONS,
@@ -96,6 +97,14 @@ def _training_findings(model: Any) -> list[Finding]:
                                  severity=Severity.WARNING if risky else Severity.INFO))
     if _reentrant_checkpointing(model) and any(getattr(m, "_adapter_doctor_patch", None) for m in model.modules()):
         out.append(REENTRANT.finding("gradient checkpointing uses use_reentrant=True on patched layers", label))
+    from adapter_doctor.runtime.checkpoint import replaced_layers
+
+    replaced = replaced_layers(model)
+    if replaced:
+        out.append(OFFLOAD_REPLACED.finding(f"{len(replaced)} decoder layer(s), e.g. {replaced[0]}, run another "
+                                            "checkpoint function than the offloaded one (torch's, after a "
+                                            "gradient_checkpointing_enable), although enable_offloaded_checkpointing "
+                                            "was called on this model", replaced[0]))
     return out
 
 

@@ -115,7 +115,7 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor 
 
     if w.blocksize % 2:
         raise ValueError(f"blocksize {w.blocksize} is odd: a packed byte would straddle two blocks")
-    n = w.shape[0] * w.shape[1]
+    n = math.prod(w.shape)
     if out is None:
         out = torch.empty(n, dtype=dtype, device=w.data.device)
     elif out.dtype != dtype or out.numel() < n or not out.is_contiguous():
@@ -234,7 +234,8 @@ def _lora4bit_function() -> type:
     from torch.autograd.function import once_differentiable
 
     class Lora4bitMultiLinearFunction(torch.autograd.Function):
-        """Several LoRA projections of one input on 4-bit bases: saves x and x·Aᵀ, never a dequantized W."""
+        """Several LoRA projections of one input on 4-bit bases: saves x, x·Aᵀ and the adapters' casts, never a
+        dequantized W."""
 
         @staticmethod
         def forward(ctx: Any, x: torch.Tensor, packed: tuple[Packed4bit, ...], scalings: tuple[float, ...],

@@ -1,11 +1,11 @@
 """LoRA linear: y = x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ, without ever forming W + s·B·A.
 
 The fused path computes several projections of one input (q/k/v, gate/up) in one autograd Function: one GEMM
-of x with the A's stacked, and what it saves is x, once, plus the rank-r products x·Aᵀ; never a copy of x per
-projection, nor the fp32 copy of x that PEFT's order makes for fp32 adapters on a bf16 base. Every GEMM is
-cuBLAS, and the scaled low-rank term is added into the base output by addmm (its beta=1 epilogue), so there is
-no Triton kernel here. Backward computes dx (summed over the projections in one buffer), dA and dB; W is
-frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype: the forward casts the
+of x with the A's stacked, and what it saves is x, once, the rank-r products x·Aᵀ and the adapters' casts
+(below); never a copy of x per projection, nor the fp32 copy of x that PEFT's order makes for fp32 adapters on a
+bf16 base. Every GEMM is cuBLAS, and the scaled low-rank term is added into the base output by addmm (its
+beta=1 epilogue), so there is no Triton kernel here. Backward computes dx (summed over the projections in one
+buffer), dA and dB; W is frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype: the forward casts the
 adapters once and saves the casts (parameter-sized, a few MB a layer), so that the backward does not cast them
 again. Adapter gradients are accumulated in fp32 and returned in the adapters' dtype.
 
@@ -179,7 +179,7 @@ def _lora_function() -> type:
     from torch.autograd.function import once_differentiable
 
     class LoraMultiLinearFunction(torch.autograd.Function):
-        """Several LoRA projections of one input: x and x·Aᵀ are saved once for all of them."""
+        """Several LoRA projections of one input: x, x·Aᵀ and the adapters' casts are saved once for all of them."""
 
         @staticmethod
         def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], values: bool,

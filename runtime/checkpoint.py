@@ -361,9 +361,7 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     checkpoint = functools.partial(offloaded_checkpoint, host_budget=budget)
     index = layers = 0
     for module in model.modules():
-        # The layers transformers checkpoints one by one (the model object carries the flag too)
-        is_layer = any(k.__name__ == "GradientCheckpointingLayer" for k in type(module).__mro__)
-        if not (is_layer and getattr(module, "gradient_checkpointing", False)):
+        if not _checkpointed_layer(module):
             continue
         if index % every_n_layers == 0:
             module._gradient_checkpointing_func = checkpoint
@@ -373,6 +371,21 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
         index += 1
     budget.layers = layers
     return layers
+
+
+def _checkpointed_layer(module: Any) -> bool:
+    # The layers transformers checkpoints one by one (the model object carries the flag too)
+    return bool(getattr(module, "gradient_checkpointing", False)) and \
+        any(k.__name__ == "GradientCheckpointingLayer" for k in type(module).__mro__)
+
+
+def replaced_layers(model: Any) -> list[str]:
+    """Names of the checkpointed layers that run another checkpoint than ours, in a model (or a model holding
+    one) that `enable_offloaded_checkpointing` set up: a later `gradient_checkpointing_enable` put torch's back."""
+    if not any(_BUDGET in vars(m) for m in model.modules()):
+        return []
+    return [name for name, m in model.named_modules() if _checkpointed_layer(m)
+            and getattr(getattr(m, "_gradient_checkpointing_func", None), "func", None) is not offloaded_checkpoint]
 
 
 def host_plan(model: Any) -> HostBudget | None:

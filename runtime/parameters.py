@@ -26,5 +26,5 @@ def trainable_parameters(module: Any) -> list[Any]:
         for p in module._parameters.values():
             if p is not None and p.requires_grad:
                 found[id(p)] = p  # a key seen before keeps its place
-        stack.extend(module._modules.values())
+        stack.extend(reversed(module._modules.values()))  # first child on top: the order of .parameters()
     return list(found.values())

@@ -63,4 +63,13 @@ PROJECTIONS = Check(
     "fallback to PEFT's own layer with the reason (dropout, DoRA, an unreadable quantized layout...). A fallback "
     "is exact, only slower; it is a warning so that a projection left on the slow path is seen.",
     manual="Remove what the reason names (e.g. lora_dropout=0), or accept the slower path.")
-register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED, PACKED, PROJECTIONS)
+OFFLOAD_REPLACED = Check(
+    "ADC912", CAT, Severity.WARNING, "Offloaded checkpointing replaced by torch's",
+    "enable_offloaded_checkpointing put its checkpoint, which keeps each layer's saved inputs in host memory, on "
+    "the decoder layers; a later gradient_checkpointing_enable put torch's back on some of them. The Trainer makes "
+    "that call when training starts with gradient_checkpointing=True, which TRL's SFTConfig sets by default. "
+    "Training still works, but those layers keep their inputs on the GPU and replay in full.",
+    manual="Pass gradient_checkpointing=False to the Trainer's or SFTTrainer's arguments; "
+           "enable_offloaded_checkpointing already checkpoints the layers.")
+register(BROKEN, FALLBACK, FOREIGN, MIXED, OURS, FROZEN, DTYPE, REENTRANT, UNSUPPORTED, PACKED, PROJECTIONS,
+         OFFLOAD_REPLACED)

@@ -97,6 +97,27 @@ def test_our_patch_is_reported_with_its_marker_and_reentrant_checkpointing_warne
     assert "ADC908" in ids(inspect_model(model))
 
 
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_offloaded_checkpointing_replaced_by_torchs_is_a_warning(every_n_layers):
+    # What the Trainer does at train() with gradient_checkpointing=True: gradient_checkpointing_enable puts
+    # torch's checkpoint back on every layer, over the offloaded one.
+    from adapter_doctor.runtime import enable_offloaded_checkpointing
+
+    plain = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj"]))
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert "ADC912" not in ids(inspect_model(plain))  # torch's checkpoint, and nothing offloaded was asked for
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj"]))
+    ensure_patched(model)
+    assert enable_offloaded_checkpointing(model, every_n_layers=every_n_layers) == 2 // every_n_layers
+    assert "ADC912" not in ids(inspect_model(model))  # the layers left unchecked are not replaced ones
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    found = [f for f in inspect_model(model).findings if f.id == "ADC912"]
+    assert len(found) == 1 and found[0].severity.value == "warning"
+    assert found[0].message.startswith("2 decoder layer(s), e.g. base_model.model.model.layers.0, run another")
+    enable_offloaded_checkpointing(model)  # set up again: ours on every layer
+    assert "ADC912" not in ids(inspect_model(model))
+
+
 def test_unsupported_model_type_is_info():
     assert "ADC909" in ids(inspect_model(tiny("gpt2")))
 

@@ -40,7 +40,7 @@ def test_every_architecture_gives_the_same_loss_and_gradients_in_chunks(tiny, ar
     expected = step(tiny, plain, ids)
     model = tiny.lora(tiny.base(arch), **options)
     sizes = []
-    ensure_patched(model, kernels=spied(sizes))
+    assert not ensure_patched(model, kernels=spied(sizes)).fallbacks
     enable_offloaded_checkpointing(model)
     loss, grads = step(tiny, model, ids)
     assert sizes and max(sizes) == 4 and 2 in sizes  # every activation a chunk's, in forward and backward
@@ -145,11 +145,11 @@ def test_on_the_gpu_the_fused_kernels_in_chunks_match_plain_training(tiny, host_
     monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
     ids = tiny.batch().cuda()
     plain = tiny.lora(tiny.base()).cuda()
-    ensure_patched(plain)
+    assert not ensure_patched(plain).fallbacks  # every projection through the fused LoRA Function
     expected = step(tiny, plain, ids)
     model = tiny.lora(tiny.base()).cuda()
     sizes = []
-    ensure_patched(model, kernels=spied(sizes, TRITON))
+    assert not ensure_patched(model, kernels=spied(sizes, TRITON)).fallbacks
     enable_offloaded_checkpointing(model, host_memory_gib=host_gib)
     loss, grads = step(tiny, model, ids)
     assert max(sizes) == 4 and 2 in sizes

@@ -12,6 +12,12 @@ def test_each_trainable_parameter_once_in_module_order_and_no_frozen_one():
     assert trainable_parameters(None) == []
 
 
+def test_the_order_is_that_of_module_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 3), None),
+                                torch.nn.Linear(3, 4))
+    assert [id(p) for p in trainable_parameters(model)] == [id(p) for p in model.parameters()]
+
+
 def test_an_fsdp2_unit_gives_none_its_hooks_expect_them_accumulated_in_place():
     class FSDPModule:  # the name FSDP2's fully_shard mixes into a unit's class
         pass

@@ -44,12 +44,12 @@ def lora():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-def sft_trainer(model, out, packing, processing_class=None, **kwargs):
+def sft_trainer(model, out, packing, processing_class=None, checkpointing=False, **kwargs):
     rng = random.Random(0)
     data = Dataset.from_dict({"text": [" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) for _ in range(16)]})
     # packing turns padding-free on: one row per batch, no attention mask, sequences told apart by position_ids
     args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
-                     learning_rate=1e-3, max_length=32, packing=packing, gradient_checkpointing=False,
+                     learning_rate=1e-3, max_length=32, packing=packing, gradient_checkpointing=checkpointing,
                      use_cpu=True, bf16=False, seed=0, data_seed=0, dataloader_num_workers=0,
                      dataloader_pin_memory=False, save_strategy="no", report_to="none", disable_tqdm=True)
     torch.manual_seed(0)  # the LoRA initialisation, when SFTTrainer attaches the adapter itself
@@ -159,6 +159,25 @@ def test_patched_after_sft_trainer(tmp_path, reference, packing):
     assert vars(head)["forward"] is trl_forward
     again = ensure_patched(trainer.model)
     assert again.changed == 0 and [m.path for m in again.kept] == [HEAD]
+
+
+@pytest.mark.parametrize("trainer_checkpointing", [False, True], ids=["off", "on"])
+def test_offloaded_checkpointing_under_sft_trainer(tmp_path, reference, trainer_checkpointing):
+    # The order the README gives: patch, let SFTTrainer attach the adapter, enable offloading on its model. With
+    # the trainer's own checkpointing on (SFTConfig's default), train() puts torch's checkpoint back over ours:
+    # the losses are the same either way, and inspect_model says which layers lost the offloading.
+    from adapter_doctor.runtime import enable_offloaded_checkpointing, host_plan
+
+    model = llama()
+    ensure_patched(model)
+    trainer = sft_trainer(model, tmp_path, False, peft_config=lora(), checkpointing=trainer_checkpointing)
+    assert enable_offloaded_checkpointing(trainer.model) == 2
+    assert losses(trainer) == pytest.approx(reference("attached", False), rel=1e-5)
+    assert_ours(trainer.model)
+    replaced = [f for f in inspect_model(trainer.model).findings if f.id == "ADC912"]
+    assert len(replaced) == int(trainer_checkpointing)
+    plan = host_plan(trainer.model)
+    assert plan.layers == 2 and (plan.layers_offloaded == 0) == trainer_checkpointing  # ours ran, or never did
 
 
 @PACKING
