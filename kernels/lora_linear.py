@@ -5,9 +5,9 @@ of x with the A's stacked, and what it saves is x, once, the rank-r products x·
 (below); never a copy of x per projection, nor the fp32 copy of x that PEFT's order makes for fp32 adapters on a
 bf16 base. Every GEMM is cuBLAS, and the scaled low-rank term is added into the base output by addmm (its
 beta=1 epilogue), so there is no Triton kernel here. Backward computes dx (summed over the projections in one
-buffer), dA and dB; W is frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype: the forward casts the
-adapters once and saves the casts (parameter-sized, a few MB a layer), so that the backward does not cast them
-again. Adapter gradients are accumulated in fp32 and returned in the adapters' dtype.
+buffer), dA and dB; W is frozen, and gets dW only if it requires grad. The low-rank operands run in x's dtype:
+the forward casts the adapters once and saves the casts (parameter-sized, a few MB a layer), so that the backward
+does not cast them again. Adapter gradients are accumulated in fp32 and returned in the adapters' dtype.
 
 The kernels know nothing of PEFT: they take `LoraParts`. Which layers may run here, and their parts, the
 runtime decides (`runtime/eligibility.py`).
@@ -151,7 +151,6 @@ def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor,
     """What every multi-projection LoRA backward ends with, given d(x·Aᵀ) of all projections side by side in
     `dxa`: each projection's dA (into `grads[slots[i]]`, where `need` asks) from one GEMM with x, and
     dx += d(x·Aᵀ)·A over the stacked As."""
-
     if any(need[slots[i]] for i in used):
         columns = rank_columns(parts_list)
         d_stacked = mm_fp32(dxa.T, rows)
