@@ -28,7 +28,9 @@ again on one GPU with N micro-batches a step (the same global batches), 50 steps
 the scaling, peak memory per GPU, how far the N-GPU loss curve strays from the one-GPU curve, and whether the
 adapter rank 0 saved reloads in vanilla PEFT with identical logits.
 
-`--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes.
+`--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes. Each row is also written
+to `<out>.partial.json` as its process ends, so a launch stopped part-way keeps what it finished; the file goes
+once the whole report is written.
 """
 from __future__ import annotations
 
@@ -61,21 +63,40 @@ def flags(options: dict) -> list[str]:
     return out
 
 
+class Rows:
+    """Every process's row as it ends, rewritten to `path` each time: a launch stopped part-way (a time limit, a
+    crash, Ctrl-C) keeps the rows it finished there. `main` removes the file once the whole report is written."""
+
+    def __init__(self, path: Path | None = None):
+        self.path, self.rows = path, []
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.path is not None:
+            part = self.path.with_name(self.path.name + ".tmp")
+            part.write_text(json.dumps({"partial": True, "rows": self.rows}, indent=1, default=str))
+            os.replace(part, self.path)  # never half a file
+        return row
+
+
+ROWS = Rows()  # main() points it at <out>.partial.json
+
+
 def run(script: str, timeout: int = TIMEOUT_S, **options) -> dict:
     """One benchmark process; its last JSON line, or the options with an `error`."""
     cmd = [sys.executable, str(HERE / script), *flags(options)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**options, "error": f"over {timeout} s"}
+        return ROWS.add({**options, "error": f"over {timeout} s"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
-        return {**options, "error": "out of memory" if oom else done.stderr.strip().splitlines()[-3:],
-                "rc": done.returncode}
+        return ROWS.add({**options, "error": "out of memory" if oom else done.stderr.strip().splitlines()[-3:],
+                         "rc": done.returncode})
     result = json.loads(lines[-1])
     print(json.dumps(result), flush=True)  # each as it ends: a later one may not
-    return result
+    return ROWS.add(result)
 
 
 def speed_variants() -> list[tuple[str, bool]]:
@@ -211,12 +232,13 @@ def launch(gpus: int, out: Path, **options) -> dict:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
-        return {**options, "gpus": gpus, "error": f"over {TIMEOUT_S} s"}
+        return ROWS.add({**options, "gpus": gpus, "error": f"over {TIMEOUT_S} s"})
     if done.returncode != 0 or not out.exists():
-        return {**options, "gpus": gpus, "error": done.stderr.strip().splitlines()[-3:], "rc": done.returncode}
+        return ROWS.add({**options, "gpus": gpus, "error": done.stderr.strip().splitlines()[-3:],
+                         "rc": done.returncode})
     row = json.loads(out.read_text())["results"][0]
     print(json.dumps(row), flush=True)
-    return row
+    return ROWS.add(row)
 
 
 def multigpu(args: argparse.Namespace) -> dict:
@@ -276,9 +298,12 @@ def main() -> None:
     parser.add_argument("--multigpu", type=int, metavar="N", help="the rows of bench/multigpu.py on N GPUs and on one")
     parser.add_argument("--multigpu-rows", help="comma-separated ENGINE-VARIANT-on|off, a subset of MULTIGPU_ROWS")
     args = parser.parse_args()
+    global ROWS
+    ROWS = Rows(args.out.with_name(args.out.stem + ".partial.json"))
     modes = [(args.qlora, qlora), (args.packed, packed), (args.multigpu, multigpu)]
     report = next((mode for chosen, mode in modes if chosen), speed)(args)
     args.out.write_text(json.dumps(report, indent=1, default=str))  # paths in the options of failed rows
+    ROWS.path.unlink(missing_ok=True)
     for entry in report.get("longest", []):
         best = entry["longest"] or {}
         print(f"longest bs1 {entry['variant']}: {best.get('seq')} ({best.get('peak_gib')} GiB, "

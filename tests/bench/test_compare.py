@@ -1,0 +1,78 @@
+"""bench/compare.py's bookkeeping, without a GPU: each process is a stand-in that prints the row it was asked for."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # compare imports its sibling scripts by name
+    spec = importlib.util.spec_from_file_location("adapter_doctor_bench_compare", BENCH / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "installed", lambda name: False)  # neither Liger nor Unsloth: three rows
+    return module
+
+
+def fake_processes(monkeypatch, compare, stop_at: int | None = None):
+    """subprocess.run answering each benchmark command with a row naming its variant; the call numbered `stop_at`
+    raises KeyboardInterrupt instead, as a launch stopped from outside would end."""
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        variant = cmd[cmd.index("--variant") + 1]
+        row = {"variant": variant, "gc": "--gc" in cmd, "tok_s": 1000 * len(calls), "peak_gib": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    return calls
+
+
+def launch(compare, monkeypatch, out: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--sizes", "8b", "--out", str(out)])
+    compare.main()
+
+
+def test_a_whole_launch_writes_the_report_and_leaves_no_partial_file(compare, monkeypatch, tmp_path):
+    calls = fake_processes(monkeypatch, compare)
+    out = tmp_path / "speed.json"
+    launch(compare, monkeypatch, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["gc"]) for r in rows] == [("hf", True), ("ours", False), ("ours", True)]
+    assert len(calls) == 3 and not (tmp_path / "speed.partial.json").exists()
+
+
+def test_a_launch_stopped_part_way_keeps_the_rows_it_finished(compare, monkeypatch, tmp_path):
+    fake_processes(monkeypatch, compare, stop_at=3)
+    out = tmp_path / "speed.json"
+    with pytest.raises(KeyboardInterrupt):
+        launch(compare, monkeypatch, out)
+    assert not out.exists()
+    partial = json.loads((tmp_path / "speed.partial.json").read_text())
+    assert partial["partial"] is True
+    assert [(r["variant"], r["gc"], r["tok_s"]) for r in partial["rows"]] == [("hf", True, 1000), ("ours", False, 2000)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_process_is_a_row_with_its_error(compare, monkeypatch, tmp_path):
+    def run(cmd, **kwargs):
+        if "hf" in cmd:
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Traceback\ntorch.OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    out = tmp_path / "speed.json"
+    launch(compare, monkeypatch, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["error"] for r in rows] == [f"over {compare.TIMEOUT_S} s", "out of memory", "out of memory"]
