@@ -28,7 +28,16 @@ import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from ._triton import autocast_on, jit, lazy_functions, on_triton
-from .lora_linear import LowRank, lora_a_terms, low_rank, mm_fp32, rank_columns, scaled_dxa, unpack_saved
+from .lora_linear import (
+    LowRank,
+    lora_a_terms,
+    low_rank,
+    mm_fp32,
+    placeholders,
+    rank_columns,
+    scaled_dxa,
+    unpack_saved,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -224,10 +233,6 @@ def lora4bit_backward(dys: Sequence[torch.Tensor | None], rows: torch.Tensor, xa
                         grads), grads
 
 
-def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:
-    return x.new_zeros(()).expand(*x.shape[:-1], features)  # the output's shape at no memory cost
-
-
 @functools.cache
 def _lora4bit_function() -> type:
     import torch
@@ -242,11 +247,7 @@ def _lora4bit_function() -> type:
                     compute: Any, values: bool, *tensors: Any) -> tuple[torch.Tensor, ...]:
             parts_list = _parts(packed, tensors, scalings)
             low = low_rank(parts_list, x.dtype)
-            if values:
-                outputs, xa = lora4bit_forward(x, parts_list, compute, low)
-            else:  # a replay that needs only the backward: x·Aᵀ is all it reads
-                xa = x.reshape(-1, x.shape[-1]) @ low.stacked_a.T
-                outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
+            outputs, xa = lora4bit_forward(x, parts_list, compute, low) if values else placeholders(x, parts_list, low)
             ctx.save_for_backward(x, xa, low.stacked_a, *low.bs, *tensors)
             ctx.set_materialize_grads(False)
             ctx.packed, ctx.scalings, ctx.compute = packed, scalings, compute  # the base's own tensors

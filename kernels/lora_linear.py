@@ -162,6 +162,13 @@ def lora_a_terms(dx: torch.Tensor | None, dxa: torch.Tensor, rows: torch.Tensor,
     return dx
 
 
+def placeholders(x: torch.Tensor, parts_list: Sequence[Any], low: LowRank) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(outputs, x·Aᵀ) for a call whose outputs nobody reads, only the gradients (`values=False`): each output a
+    zero-stride view of one zero, its shape at no memory cost, and x·Aᵀ, all the backward needs."""
+    xa = x.reshape(-1, x.shape[-1]) @ low.stacked_a.T
+    return [x.new_zeros(()).expand(*x.shape[:-1], p.weight.shape[0]) for p in parts_list], xa
+
+
 def unpack_saved(saved: Sequence[Any], count: int) -> tuple[Any, Any, LowRank, Sequence[Any]]:
     """(x, x·Aᵀ, the low-rank casts, the Function's tensor inputs) from what forward saved in that order."""
     x, xa, stacked, *rest = saved
@@ -185,11 +192,7 @@ def _lora_function() -> type:
                     *tensors: Any) -> tuple[torch.Tensor, ...]:
             parts_list = _parts(tensors, scalings)
             low = low_rank(parts_list, x.dtype)
-            if values:
-                outputs, xa = lora_multi_forward(x, parts_list, low)
-            else:  # only the gradients will be asked for: x·Aᵀ is all backward needs
-                xa = x.reshape(-1, x.shape[-1]) @ low.stacked_a.T
-                outputs = [_placeholder(x, p.weight.shape[0]) for p in parts_list]
+            outputs, xa = lora_multi_forward(x, parts_list, low) if values else placeholders(x, parts_list, low)
             ctx.save_for_backward(x, xa, low.stacked_a, *low.bs, *tensors)
             ctx.set_materialize_grads(False)  # an unused projection's parameters then get None, as in PEFT
             ctx.scalings = scalings
@@ -212,9 +215,6 @@ def _lora_function() -> type:
 __getattr__ = lazy_functions(__name__, LoraMultiLinearFunction=_lora_function)
 
 
-def _placeholder(x: torch.Tensor, features: int) -> torch.Tensor:
-    # A zero-stride view of one zero: the output's shape at no memory cost.
-    return x.new_zeros(()).expand(*x.shape[:-1], features)
 
 
 def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], values: bool = True) -> list[torch.Tensor]:
