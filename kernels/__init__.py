@@ -4,7 +4,8 @@
 CPU path, and the numerics every faster set is tested against); "triton" runs the Triton kernels and fused
 autograd Functions on CUDA tensors and the references on anything else; "auto" picks the fastest set this
 machine supports. Importing this package imports neither torch nor triton; a set's functions import what they
-need.
+need. Without grad (a checkpointed layer's first forward, inference) the fused entry points compute their
+forward without their autograd Functions: the same values, with no context to build and nothing saved.
 """
 from __future__ import annotations
 

@@ -280,11 +280,15 @@ def lora4bit_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[Lora4bitPa
     bases' compute dtype (x cast to it, the outputs cast back, as the base layer does), the low-rank term in
     x's. The base weights are frozen; LoRA dropout must be 0. `values=False` gives zero-stride placeholders
     whose backward is exact (see `lora_linear.lora_multi_linear_fused`)."""
+    import torch
+
     if not parts_list:
         return []
     compute = {p.compute_dtype or x.dtype for p in parts_list}
     if len(compute) != 1:
         raise ValueError(f"projections of one input in several compute dtypes: {sorted(map(str, compute))}")
+    if values and not torch.is_grad_enabled():  # nothing to record (a checkpoint's first forward): no Function
+        return lora4bit_forward(x, parts_list, compute.pop(), low_rank(parts_list, x.dtype))[0]
     tensors = [t for p in parts_list for t in (p.bias, p.lora_a, p.lora_b)]
     return list(_lora4bit_function().apply(x, tuple(p.weight for p in parts_list),
                                            tuple(float(p.scaling) for p in parts_list), compute.pop(), values,

@@ -64,17 +64,22 @@ class LowRank(NamedTuple):
     bs: list[torch.Tensor]  # [out, r] each
 
 
-def low_rank(parts_list: Sequence[Any], dtype: torch.dtype) -> LowRank:
-    """The A's stacked and the B's in `dtype`, in as few launches as a cast needs: one cat writes the cast."""
+def _cast_stacked(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    # One cat into a buffer of `dtype` casts them all in one launch.
     import torch
 
-    a_s = [p.lora_a for p in parts_list]
-    if len(a_s) == 1:
-        stacked = a_s[0].to(dtype)
-    else:
-        stacked = torch.empty((sum(a.shape[0] for a in a_s), a_s[0].shape[1]), dtype=dtype, device=a_s[0].device)
-        torch.cat(a_s, out=stacked)
-    return LowRank(stacked, [p.lora_b.to(dtype) for p in parts_list])
+    out = torch.empty((sum(t.shape[0] for t in tensors), tensors[0].shape[1]), dtype=dtype, device=tensors[0].device)
+    return torch.cat(tensors, out=out)
+
+
+def low_rank(parts_list: Sequence[Any], dtype: torch.dtype) -> LowRank:
+    """The A's stacked and the B's in `dtype`, in as few launches as a cast needs: one cat writes the A's, and
+    one more the B's where they need a cast and share a rank (each B is then a block of rows of that buffer)."""
+    a_s, bs = [p.lora_a for p in parts_list], [p.lora_b for p in parts_list]
+    stacked = a_s[0].to(dtype) if len(a_s) == 1 else _cast_stacked(a_s, dtype)
+    if len(bs) > 1 and any(b.dtype != dtype for b in bs) and len({b.shape[1] for b in bs}) == 1:
+        return LowRank(stacked, list(_cast_stacked(bs, dtype).split([b.shape[0] for b in bs])))
+    return LowRank(stacked, [b.to(dtype) for b in bs])
 
 
 def scaled_dxa(dys: Sequence[torch.Tensor | None], xa: torch.Tensor, parts_list: Sequence[Any],
@@ -215,8 +220,6 @@ def _lora_function() -> type:
 __getattr__ = lazy_functions(__name__, LoraMultiLinearFunction=_lora_function)
 
 
-
-
 def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], values: bool = True) -> list[torch.Tensor]:
     """Several LoRA projections of `x` through one autograd Function (LoRA dropout must be 0: `lora_parts`
     refuses layers with dropout). W is frozen unless it requires grad, in which case dW is computed too.
@@ -224,8 +227,12 @@ def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], va
     With `values=False` the outputs are zero-stride placeholders of the right shapes and no projection GEMM
     runs: for a recomputation whose caller already holds what the outputs fed (a residual sum) and needs only
     the backward (dx, dA, dB), which is exact."""
+    import torch
+
     if not parts_list:
         return []
+    if values and not torch.is_grad_enabled():  # nothing to record (a checkpoint's first forward): no Function
+        return lora_multi_forward(x, parts_list, low_rank(parts_list, x.dtype))[0]
     tensors = [t for p in parts_list for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
     return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), values, *tensors))
 

@@ -172,6 +172,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     """RMSNorm through the Triton kernels. `in_place=True` lets backward write dx into dy's buffer: only for a
     norm whose output feeds operations that hand back fresh gradients (projections), never for one whose output
     goes straight into a residual add, where dy is the very tensor the residual branch receives."""
+    import torch
+
+    if not torch.is_grad_enabled():  # nothing to record (a checkpoint's first forward): no Function
+        return rms_norm_forward(_rows(x), weight, eps, offset, scale_in_fp32)[0].view(x.shape)
     return _rms_norm_function().apply(x, weight, eps, offset, scale_in_fp32, in_place)
 
 

@@ -164,7 +164,15 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE through the Triton kernel, rotating q and k in place and returning them. The caller must not use
     the unrotated q and k afterwards; leaves and overlapping views are copied first."""
-    return _rope_function().apply(_rotatable(q), _rotatable(k), cos, sin)
+    import torch
+
+    q, k = _rotatable(q), _rotatable(k)
+    if torch.is_grad_enabled():
+        return _rope_function().apply(q, k, cos, sin)
+    rope_forward(q, k, cos, sin)  # nothing to record (a checkpoint's first forward): no Function
+    torch.autograd.graph.increment_version(q)  # as the Function does: a saver of the unrotated values fails loudly
+    torch.autograd.graph.increment_version(k)
+    return q, k
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

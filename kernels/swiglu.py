@@ -147,16 +147,24 @@ def _gated_function() -> type:
 __getattr__ = lazy_functions(__name__, GatedActivationFunction=_gated_function)
 
 
+def _gated(gate: torch.Tensor, up: torch.Tensor, act: int, in_place: bool) -> torch.Tensor:
+    import torch
+
+    if not torch.is_grad_enabled():  # nothing to record (a checkpoint's first forward): no Function
+        return gated_forward(gate.contiguous(), up.contiguous(), act)
+    return _gated_function().apply(gate, up, act, in_place)
+
+
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor, in_place: bool = True) -> torch.Tensor:
     """silu(gate) · up through the Triton kernels; see the module docstring for what `in_place` overwrites."""
-    return _gated_function().apply(gate, up, SILU, in_place)
+    return _gated(gate, up, SILU, in_place)
 
 
 def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", in_place: bool = True) -> torch.Tensor:
     """gelu(gate) · up through the Triton kernels."""
     if approximate not in _GELU:
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none', not {approximate!r}")
-    return _gated_function().apply(gate, up, _GELU[approximate], in_place)
+    return _gated(gate, up, _GELU[approximate], in_place)
 
 
 def _same_layout(gate: torch.Tensor, up: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .parameters import trainable_parameters
-from .replay import RECOMPUTE, RECORD, REPLAY, Tape, taping
+from .tape import RECOMPUTE, RECORD, REPLAY, Tape, taping
 
 _STREAMS: dict[Any, Any] = {}
 _LAST: dict[Any, Any] = {}  # device -> weak reference to the most recent layer's _Saved
@@ -252,6 +252,7 @@ def _function() -> type:
             with torch.no_grad(), taping(Tape(RECORD)) as tape:
                 out = run(hidden, *rest)
             ctx.saved = _Saved([hidden, *tape.sums], hidden.device, shape["budget"])
+            ctx.parts = tape.parts  # the projections' paths, for the replay to take the same
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
             shape["tail"] = out[1:] if ctx.tuple_out else ()
             ctx.save_for_backward(*[r if torch.is_tensor(r) else None for r in rest])
@@ -266,6 +267,7 @@ def _function() -> type:
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
             replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
+            replay.parts = ctx.parts
             with torch.random.fork_rng(devices=devices), taping(replay):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:

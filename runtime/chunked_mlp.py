@@ -20,7 +20,7 @@ import functools
 from typing import Any, Callable
 
 from .parameters import fsdp_unit, trainable_parameters
-from .replay import REPLAY, Tape, active, taping
+from .tape import REPLAY, Tape, active, taping
 
 CHUNK_TOKENS = 32768  # 0.9 GiB of gate (or up) at an 8B model's intermediate size, in bf16
 

@@ -3,7 +3,9 @@
 `lora_parts` reads the pieces out of a PEFT `lora.Linear`, or says why that layer must run as PEFT runs it
 (dropout, DoRA and other variants, a LoRA bias, several active adapters, a merged or disabled adapter, hooks
 that a direct call would skip). Eligibility is read at every call: adapters are enabled, disabled, merged and
-switched while a model lives, and the answer must follow. `head_parts` does the same for the causal LM head.
+switched while a model lives, and the answer must follow; only a checkpointed layer's replay takes the answers
+its forward got (`tape.py`), so that it recomputes what the forward computed. `head_parts` does the same for the
+causal LM head.
 
 A LoRA layer on a bitsandbytes `Linear4bit` base (nf4 or fp4, double-quantized or not) gets `Lora4bitParts`:
 the packed weight and its quant state as plain tensors, read from `Params4bit.quant_state`, for the 4-bit path.

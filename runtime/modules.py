@@ -13,7 +13,8 @@ from .causal_lm import causal_lm_forward
 from .chunked_mlp import chunked_mlp
 from .context import Context, named_arguments
 from .projection import project_many
-from .replay import active, output_projection, residual_add
+from .replay import output_projection, residual_add
+from .tape import active
 
 
 def rms_norm_forward(self: Any, ctx: Context, hidden_states: Any) -> Any:

@@ -7,6 +7,13 @@ from typing import Any, Sequence
 from adapter_doctor.kernels import Lora4bitParts, LoraParts
 
 from .eligibility import lora_parts
+from .tape import active
+
+
+def _parts(module: Any) -> Any:
+    # Inside a checkpointed layer, the path its forward took (tape.py); read from the layer otherwise.
+    tape = active()
+    return lora_parts(module) if tape is None else tape.projection_parts(module, lora_parts)
 
 
 def _one(module: Any, parts: Any, x: Any, kernels: Any) -> Any:
@@ -19,13 +26,13 @@ def _one(module: Any, parts: Any, x: Any, kernels: Any) -> Any:
 
 def project(module: Any, x: Any, kernels: Any) -> Any:
     """`module(x)`, through the kernel set's LoRA linear when `module` is an eligible PEFT LoRA layer."""
-    return _one(module, lora_parts(module), x, kernels)
+    return _one(module, _parts(module), x, kernels)
 
 
 def project_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any]:
     """[m(x) for m in modules], with one read and one saved copy of `x` when every layer takes the same fused
     path (q/k/v, gate/up)."""
-    parts = [lora_parts(m) for m in modules]
+    parts = [_parts(m) for m in modules]
     if all(isinstance(p, LoraParts) for p in parts):
         return list(kernels.lora_multi_linear(x, parts))
     if all(isinstance(p, Lora4bitParts) for p in parts) and len({p.compute_dtype for p in parts}) == 1:
@@ -36,7 +43,7 @@ def project_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any]:
 def gradient_only(module: Any, x: Any, kernels: Any) -> Any:
     """A placeholder for `module(x)` whose backward is the projection's, for a replay that needs no value; None
     where the layer or the kernel set cannot provide one."""
-    parts = lora_parts(module)
+    parts = _parts(module)
     if parts is None:
         return None
     if isinstance(parts, Lora4bitParts):

@@ -18,49 +18,10 @@ projections cannot take the fused path run them as modules: still exact, only sl
 from __future__ import annotations
 
 import functools
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from .projection import gradient_only, project
-
-RECORD, REPLAY = "record", "replay"
-RECOMPUTE = "recompute"  # a layer replayed in full (nothing recorded): the sums and projections are plain
-
-
-@dataclass
-class Tape:
-    mode: str
-    sums: list[Any] = field(default_factory=list)  # recorded inner residual sums, in call order
-    read: int = 0
-    defer_outputs: bool = False  # set by the layer: its projections' outputs feed residual sums directly
-
-    def next_sum(self) -> Any:
-        if self.read >= len(self.sums):
-            raise RuntimeError("checkpoint replay: the layer took a different path than in its forward")
-        self.read += 1
-        return self.sums[self.read - 1]
-
-
-_LOCAL = threading.local()
-
-
-def active() -> Tape | None:
-    return getattr(_LOCAL, "tape", None)
-
-
-class taping:
-    """`with taping(tape):` makes `tape` the active one on this thread for the layer's forward (None: none)."""
-
-    def __init__(self, tape: Tape | None):
-        self.tape = tape
-
-    def __enter__(self) -> Tape | None:
-        self.outer, _LOCAL.tape = active(), self.tape
-        return self.tape
-
-    def __exit__(self, *exc: Any) -> None:
-        _LOCAL.tape = self.outer
+from .tape import RECOMPUTE, RECORD, REPLAY, active
 
 
 @functools.cache

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from adapter_doctor.kernels import TORCH, lora_linear
 from adapter_doctor.runtime import ensure_patched
 from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
-from adapter_doctor.runtime.replay import REPLAY, Tape, residual_add, taping
+from adapter_doctor.runtime.replay import residual_add
+from adapter_doctor.runtime.tape import REPLAY, Tape, taping
 
 IDS = torch.arange(2 * 10).reshape(2, 10) % 100 + 3
 # The references everywhere but the fused gradient-only projection, which runs on any device.
@@ -86,3 +87,37 @@ def test_a_gradient_only_projection_has_the_projections_gradients():
     want = torch.autograd.grad(lora_linear.lora_linear_reference(x, *parts), (x, a, b), dy)
     for g, e in zip(got, want):
         assert torch.allclose(g, e, atol=1e-5)
+
+
+def test_the_replay_reads_no_projection_twice(tiny, monkeypatch):
+    from adapter_doctor.runtime import projection
+
+    model = tiny_lora(tiny, "llama")
+    ensure_patched(model, kernels=SKIPPING)
+    enable_offloaded_checkpointing(model)
+    model.train()
+    reads = []
+    real = projection.lora_parts
+    monkeypatch.setattr(projection, "lora_parts", lambda m: reads.append(m) or real(m))
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    projections = [m for name, m in model.named_modules() if name.endswith("_proj") and hasattr(m, "lora_A")]
+    assert len(projections) == 14  # 7 in each of the two layers
+    assert sorted(map(id, reads)) == sorted(map(id, projections))  # once each, in the forward only
+
+
+def test_the_replay_computes_what_the_forward_computed(tiny):
+    # An adapter's scaling changed between the forward and the backward: the gradients are still those of the
+    # function the forward computed (a replay that read the layers again would scale them by 3).
+    expected = lora_grads(tiny_lora(tiny, "llama"))
+    model = tiny_lora(tiny, "llama")
+    ensure_patched(model, kernels=SKIPPING)
+    enable_offloaded_checkpointing(model)
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    for m in model.modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {}):
+            m.scaling["default"] *= 3
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
