@@ -13,7 +13,7 @@ each variant trains (doubling until it runs out of memory); `--skip-speed` runs 
 
     python bench/compare.py --qlora [--sizes 8b] [--seq 2048] [--bs 2,4] [--longest] [--out bench/results/qlora.json]
 
-QLoRA instead: `bench/qlora_bench.py` once per variant (`qlora_bench.VARIANTS`) and batch size, each loading
+QLoRA: `bench/qlora_bench.py` once per variant (`qlora_bench.VARIANTS`) and batch size, each loading
 the base checkpoint in nf4 in its own process; `hf` is profiled for what is live at its memory peak.
 
     python bench/compare.py --packed [--sizes 8b] [--out bench/results/packed.json]
@@ -27,6 +27,10 @@ Several GPUs (`bench/multigpu.py`): each (engine, variant, checkpointing) row in
 again on one GPU with N micro-batches a step (the same global batches), 50 steps: tokens/s per GPU and in all,
 the scaling, peak memory per GPU, how far the N-GPU loss curve strays from the one-GPU curve, and whether the
 adapter rank 0 saved reloads in vanilla PEFT with identical logits.
+
+The modes combine: `--speed --packed --longest` runs the bf16 speed table, the realistic-length run and the
+long-context search in one launch, each variant still in its own process, and writes one report keyed by mode
+(`speed`, `packed`, `qlora`, `multigpu`); a single mode keeps its report's own shape.
 
 `--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes. Each row is also written
 to `<out>.partial.json` as its process ends, so a launch stopped part-way keeps what it finished; the file goes
@@ -277,6 +281,9 @@ def multigpu(args: argparse.Namespace) -> dict:
     return report
 
 
+MODES = {"speed": speed, "packed": packed, "qlora": qlora, "multigpu": multigpu}  # the order a launch runs them in
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1b,3b,8b")
@@ -291,7 +298,9 @@ def main() -> None:
     parser.add_argument("--base-dir", type=Path, default=Path("/tmp/bench-base"),
                         help="where the random-initialised base checkpoints are written, once")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
-    parser.add_argument("--qlora", action="store_true", help="the QLoRA variants instead")
+    parser.add_argument("--speed", action="store_true",
+                        help="the bf16 speed table (the default when no other mode is named)")
+    parser.add_argument("--qlora", action="store_true", help="the QLoRA variants")
     parser.add_argument("--qlora-variants", help="comma-separated subset of qlora_bench.VARIANTS")
     parser.add_argument("--qlora-as-loaded", action="store_true", help="leave the model in eval mode, as loaded")
     parser.add_argument("--packed", action="store_true", help="documents of realistic lengths, packed and padded")
@@ -300,11 +309,13 @@ def main() -> None:
     args = parser.parse_args()
     global ROWS
     ROWS = Rows(args.out.with_name(args.out.stem + ".partial.json"))
-    modes = [(args.qlora, qlora), (args.packed, packed), (args.multigpu, multigpu)]
-    report = next((mode for chosen, mode in modes if chosen), speed)(args)
+    modes = {name: mode for name, mode in MODES.items() if getattr(args, name)} or {"speed": speed}
+    reports = {name: mode(args) for name, mode in modes.items()}
+    # One mode keeps its report's own shape; several are keyed by mode.
+    report = next(iter(reports.values())) if len(reports) == 1 else reports
     args.out.write_text(json.dumps(report, indent=1, default=str))  # paths in the options of failed rows
     ROWS.path.unlink(missing_ok=True)
-    for entry in report.get("longest", []):
+    for entry in (e for r in reports.values() for e in r.get("longest", [])):
         best = entry["longest"] or {}
         print(f"longest bs1 {entry['variant']}: {best.get('seq')} ({best.get('peak_gib')} GiB, "
               f"{best.get('tok_s')} tok/s); first failure {entry['first_failure']}")

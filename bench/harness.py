@@ -225,7 +225,9 @@ def kernel_profile(step: Callable[[Any], Any], batch: Any, steps: int = 2, top: 
     kinds: dict[str, float] = {}
     kernels, host = [], []
     for event in prof.key_averages():
-        if event.key in PHASES:  # training_step's ranges: their device-side copy spans the step, not a kernel
+        # Ranges (training_step's phases, torch's Optimizer.step#...): their device-side copy spans kernels, as
+        # torch's own tables leave them out of device totals.
+        if event.key in PHASES or getattr(event, "is_user_annotation", False):
             continue
         device_us = getattr(event, "self_device_time_total", 0)
         on_device = event.device_type != torch.autograd.DeviceType.CPU or not event.self_cpu_time_total

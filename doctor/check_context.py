@@ -60,9 +60,23 @@ class Context:
         model = base.config if base is not None else {"architectures": [name]} if isinstance(name, str) else None
         if model is None or not isinstance(config, dict) or self.peft_type not in _RENAMED_TYPES or layout_is_special(model):
             return None
-        modules = sorted({k.module for k in self.artifact.keys.values()
-                          if k.role.startswith("lora_") or (k.role == "full" and k.param)})
         names = [n for n, m in base.modules.items() if m.kind != "experts"] if base is not None else None
         converts = has_behaviour("transformers_key_conversion", self.target_release)
-        return transformers_renames.verdict(model, config, modules, names, layout_release(self.env.transformers),
-                                            converts, self.matcher)
+        return transformers_renames.verdict(model, config, self._adapter_modules, names,
+                                            layout_release(self.env.transformers), converts, self.matcher)
+
+    @cached_property
+    def newer_names(self) -> transformers_renames.NewerNames | None:
+        """Adapter modules named as a later transformers builds the base (ADC520): saved on a newer release."""
+        config, base = self.artifact.config, self.base
+        if base is None or not base.modules or not isinstance(config, dict) or self.peft_type not in _RENAMED_TYPES \
+                or layout_is_special(base.config):
+            return None
+        names = [n for n, m in base.modules.items() if m.kind != "experts"]
+        return transformers_renames.newer_names(base.config, self._adapter_modules, names,
+                                                layout_release(self.env.transformers))
+
+    @cached_property
+    def _adapter_modules(self) -> list[str]:
+        return sorted({k.module for k in self.artifact.keys.values()
+                       if k.role.startswith("lora_") or (k.role == "full" and k.param)})

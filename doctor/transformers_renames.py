@@ -220,6 +220,38 @@ def verdict(model: dict, config: dict, modules: list[str], base_modules: list[st
     return RenameVerdict(scopes, renamed, unselected, nothing, keys_ok, _first_renaming(model, renamed[0]), names)
 
 
+@dataclass(frozen=True)
+class NewerNames:
+    """Adapter modules named as a later transformers builds the model, judged on a release that builds the old
+    names: each Renaming's `old` is the adapter's name, `new` the module the target release builds."""
+
+    arch: str  # the class name or model_type the renames are registered under
+    renamed: list[Renaming]
+    since: str  # the first release read that builds the adapter's names
+    model_modules: list[str]  # the module names the model will have, as judged
+
+
+def newer_names(model: dict, modules: list[str], base_modules: list[str], tf: Version) -> NewerNames | None:
+    """The reverse of `verdict`: adapter `modules` that the base, as transformers `tf` builds it, lacks, and that
+    the newest release read names one of its modules. None when there are none or the renames are not followed."""
+    newest = Version(newest_release())
+    later = transforms_for(model, newest) if tf < newest else []
+    if not renames_modules(later) or not followed(later):
+        return None
+    present = set(base_modules)
+    back: dict[str, str] = {}
+    for name in base_modules:
+        r = rename_module(name, later)
+        if r.exact and r.new not in present:
+            back.setdefault(r.new, name)
+    found = [Renaming(m, back[m], True) for m in modules if m not in present and m in back]
+    if not found:
+        return None
+    arch = next(s.key for s in later if s.key != LEGACY)
+    since = _first_renaming(model, Renaming(found[0].new, found[0].old, True))
+    return NewerNames(arch, found, since, sorted(present))
+
+
 def _universe(base_modules: list[str] | None, every: list[Renaming]) -> list[str]:
     """The module names the model will have: the base's, else what the adapter's own modules become."""
     return sorted(set(base_modules or ()) | {r.new for r in every if r.exact})

@@ -65,16 +65,16 @@ class LowRank(NamedTuple):
 
 
 def _cast_stacked(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    # One cat into a buffer of `dtype` casts them all in one launch.
+    # Cat first, then cast: CUDA's cat writes inputs of the output's dtype in one launch, but copies one input
+    # at a time where it must also cast them, so this is two launches for any number of adapters.
     import torch
 
-    out = torch.empty((sum(t.shape[0] for t in tensors), tensors[0].shape[1]), dtype=dtype, device=tensors[0].device)
-    return torch.cat(tensors, out=out)
+    return torch.cat(tensors).to(dtype)
 
 
 def low_rank(parts_list: Sequence[Any], dtype: torch.dtype) -> LowRank:
-    """The A's stacked and the B's in `dtype`, in as few launches as a cast needs: one cat writes the A's, and
-    one more the B's where they need a cast and share a rank (each B is then a block of rows of that buffer)."""
+    """The A's stacked and the B's in `dtype`, in few launches: one stack of the A's, and one of the B's where
+    they need a cast and share a rank (each B is then a block of rows of it), each cast once."""
     a_s, bs = [p.lora_a for p in parts_list], [p.lora_b for p in parts_list]
     stacked = a_s[0].to(dtype) if len(a_s) == 1 else _cast_stacked(a_s, dtype)
     if len(bs) > 1 and any(b.dtype != dtype for b in bs) and len({b.shape[1] for b in bs}) == 1:

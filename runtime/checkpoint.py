@@ -266,8 +266,12 @@ def _function() -> type:
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
+            # The parameters' gradients go out through their edges, unless the layer now holds other parameter
+            # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before,
+            # and the projections are read again, so that the gradients reach the parameters the layer holds now.
+            same = _same(ctx.params, trainable_parameters(ctx.layer))
             replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
-            replay.parts = ctx.parts
+            replay.parts = ctx.parts if same else {}
             with torch.random.fork_rng(devices=devices), taping(replay):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
@@ -275,9 +279,7 @@ def _function() -> type:
                 with torch.enable_grad():
                     out = ctx.run(hidden, *rest)
             out = out[0] if ctx.tuple_out else out
-            # The parameters' gradients go out through their edges, unless the layer now holds other parameter
-            # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before.
-            params = list(ctx.params) if _same(ctx.params, trainable_parameters(ctx.layer)) else []
+            params = list(ctx.params) if same else []
             if params:
                 grads = torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
             else:

@@ -41,7 +41,7 @@ def chunked_mlp(module: Any, run: Callable[[Any], Any], x: Any) -> Any | None:
     # The output is read where the layer norms it (Gemma's sandwich) and where the layer is replayed in full.
     values = tape.mode != REPLAY or not tape.defer_outputs
     # The trainable parameters are inputs, so that their gradients leave through this Function's edges.
-    return _function().apply(run, values, x, *trainable_parameters(module))
+    return _function().apply(run, values, tape.parts, x, *trainable_parameters(module))
 
 
 def _draws(module: Any) -> bool:
@@ -70,8 +70,8 @@ def _function() -> type:
         """The MLP's output (or a placeholder the replay does not read); saves its input alone."""
 
         @staticmethod
-        def forward(ctx: Any, run: Callable[[Any], Any], values: bool, x: Any, *params: Any) -> Any:
-            ctx.run = run
+        def forward(ctx: Any, run: Callable[[Any], Any], values: bool, parts: dict, x: Any, *params: Any) -> Any:
+            ctx.run, ctx.parts = run, parts  # the projections' paths the layer's forward recorded (tape.py)
             ctx.save_for_backward(x, *params)
             if values:
                 return _in_chunks(run, x)
@@ -86,7 +86,7 @@ def _function() -> type:
             for start in range(0, rows.shape[0], CHUNK_TOKENS):
                 part = rows[start:start + CHUNK_TOKENS].detach().requires_grad_(True)
                 # The chunk's output value is never read: the output projection may be a placeholder.
-                with torch.enable_grad(), taping(Tape(REPLAY, defer_outputs=True)):
+                with torch.enable_grad(), taping(Tape(REPLAY, defer_outputs=True, parts=ctx.parts)):
                     out = ctx.run(part)
                 got = torch.autograd.grad(out, [part, *params], grads[start:start + part.shape[0]],
                                           allow_unused=True)
@@ -95,6 +95,6 @@ def _function() -> type:
                     if g is not None:
                         dparams[i] = g.float() if dparams[i] is None else dparams[i].add_(g)
             dparams = [None if g is None else g.to(p.dtype) for g, p in zip(dparams, params)]
-            return (None, None, dx.view(x.shape), *dparams)
+            return (None, None, None, dx.view(x.shape), *dparams)
 
     return ChunkedMLP

@@ -13,7 +13,7 @@ from typing import Iterator
 from ..adapter_keys import ModuleSelector, entry_names
 from ..base_model import layout_release
 from ..finding import Finding, Fix, Severity, brief
-from ..transformers_renames import LEGACY, RenameVerdict
+from ..transformers_renames import LEGACY, NewerNames, RenameVerdict, Renaming
 from . import Check, Context, register, runner
 
 CAT = "keys-unmatched"
@@ -31,7 +31,16 @@ LAYOUT_ASSUMED = Check(
     "No transformers is installed and no --target-transformers was given, so the base model's module names are "
     "built as the newest transformers release the doctor knows builds them. The verdict is the one that release "
     "would give; pass --target-transformers to judge another.")
-register(RENAMED, LAYOUT_ASSUMED)
+NEWER = Check(
+    "ADC520", CAT, Severity.ERROR, "Module names of a newer transformers",
+    "The adapter was saved with a transformers release that builds the base with new module names (ViT's "
+    "`layers.N.attention.q_proj` from 5.9), and is loaded with an older one, which builds the old names "
+    "(`encoder.layer.N.attention.attention.query`). Its target_modules then match nothing "
+    "(`ValueError: Target modules ... not found in the base model`) or fewer modules, and no release renames "
+    "its keys back.",
+    manual="Load with the newer transformers, or rename target_modules and the tensor keys to the old names (the "
+           "finding lists them).")
+register(RENAMED, LAYOUT_ASSUMED, NEWER)
 
 
 @runner
@@ -40,6 +49,8 @@ def check(ctx: Context) -> Iterator[Finding]:
         yield LAYOUT_ASSUMED.finding(
             f"no transformers installed and no --target-transformers: the base at {ctx.base.path} is judged as "
             f"transformers {ctx.base.layout} builds it", str(ctx.base.path / "config.json"))
+    if ctx.newer_names is not None:
+        yield _newer_finding(ctx, ctx.newer_names)
     found = ctx.renames
     if found is None or not found.broken:
         return
@@ -68,7 +79,7 @@ def _finding(ctx: Context, v: RenameVerdict) -> Finding:
                      "so they load nowhere.")
     else:
         parts.append(f"PEFT {release.version} renames the keys on load, but not target_modules.")
-    new_targets = _renamed_targets(targets, v)
+    new_targets = _renamed_targets(targets, v.renamed, v.model_modules)
     how = (f"set target_modules to {new_targets}" if new_targets is not None
            else "rewrite target_modules for the new names")
     if v.keys_renamed_by_peft is not True:
@@ -78,12 +89,32 @@ def _finding(ctx: Context, v: RenameVerdict) -> Finding:
     return RENAMED.finding(" ".join(parts), where, fix=Fix(None, how[0].upper() + how[1:]))
 
 
-def _renamed_targets(targets: object, v: RenameVerdict) -> list[str] | None:
-    """target_modules in the new names, where each old name maps onto exactly one new one; else None. Only a
-    list is rewritten: its entries are names (PEFT never runs them as regexes), so every answer is a bool."""
+def _newer_finding(ctx: Context, v: NewerNames) -> Finding:
+    tf, first = layout_release(ctx.env.transformers), v.renamed[0]
+    targets = ctx.artifact.config.get("target_modules")
+    parts = [f"{len(v.renamed)} adapter module(s) use the names transformers {v.since} gave {v.arch}'s modules "
+             f"(e.g. {first.old}, which transformers {tf} builds as {first.new}): the adapter was saved with "
+             f"transformers >= {v.since}, and transformers {tf} does not rename its keys back."]
+    runnable = isinstance(targets, (list, str)) and targets != "all-linear"
+    answers = [ModuleSelector(targets, ctx.matcher)(n) for n in v.model_modules] if runnable else [None]
+    if not any(answers) and None not in answers and not ctx.artifact.config.get("target_parameters"):
+        parts.append(f"target_modules={brief(targets)} selects no module of transformers {tf}'s model: PEFT raises "
+                     "`ValueError: Target modules ... not found in the base model`.")
+    old_targets = _renamed_targets(targets, v.renamed, v.model_modules)
+    how = (f"load with transformers >= {v.since}, or set target_modules to "
+           f"{old_targets if old_targets is not None else 'the old names'} and rename the tensor keys "
+           f"({first.old} -> {first.new}, …)")
+    where = f"{ctx.artifact.primary_weights.path}#{first.old}"
+    return NEWER.finding(" ".join(parts), where, fix=Fix(None, how[0].upper() + how[1:]))
+
+
+def _renamed_targets(targets: object, renamed: list[Renaming], names: list[str]) -> list[str] | None:
+    """target_modules in the `renamed` modules' new names (among the model's `names`), where each old name maps
+    onto exactly one new one; else None. Only a list is rewritten: its entries are names (PEFT never runs them as
+    regexes), so every answer is a bool."""
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         return None
-    moved, names = {r.old: r.new for r in v.renamed}, v.model_modules
+    moved = {r.old: r.new for r in renamed}
     out = []
     for target in targets:
         olds = [old for old in moved if entry_names(target, old)]

@@ -76,3 +76,18 @@ def test_a_failed_process_is_a_row_with_its_error(compare, monkeypatch, tmp_path
     launch(compare, monkeypatch, out)
     rows = json.loads(out.read_text())["results"]
     assert [r["error"] for r in rows] == [f"over {compare.TIMEOUT_S} s", "out of memory", "out of memory"]
+
+
+def test_modes_combine_into_one_launch_and_one_report_keyed_by_mode(compare, monkeypatch, tmp_path):
+    calls = fake_processes(monkeypatch, compare)
+    out = tmp_path / "all.json"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--sizes", "8b", "--out", str(out), "--packed", "--speed",
+                                      "--longest", "--longest-lengths", "262144"])
+    compare.main()
+    report = json.loads(out.read_text())
+    assert list(report) == ["speed", "packed"]  # MODES order, whatever the flags' order
+    assert [(r["variant"], r["gc"]) for r in report["speed"]["results"]] == [("hf", True), ("ours", False),
+                                                                             ("ours", True)]
+    assert [e["variant"] for e in report["speed"]["longest"]] == ["hf", "ours"]
+    assert [c[c.index("--layout") + 1] for c in calls if "--layout" in c] == ["padded", "padded", "packed", "packed"]
+    assert len(calls) == 3 + 2 + 4 and not (tmp_path / "all.partial.json").exists()

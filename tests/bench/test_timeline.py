@@ -60,3 +60,28 @@ def test_gaps_per_step_and_empty_trace(trace, tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps([op("forward", 0, 10, "user_annotation")]))
     assert gaps(empty) == {}
+
+
+
+def write(tmp_path, events):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    return path
+
+
+def test_the_late_launch_is_charged_to_the_launching_threads_operator(tmp_path):
+    path = write(tmp_path, [
+        {**op("aten::mm", 0, 100), "tid": 1}, {**op("aten::copy_", 15, 10), "tid": 2},  # the innermost in time
+        kernel(0, 10, 1), {**launch(20, 2), "tid": 1}, kernel(25, 5, 2),  # idle 15: 10 late, 5 waiting
+    ])
+    assert gaps(path)["host_late_by_operator"] == [{"name": "aten::mm", "ms": pytest.approx(10)}]
+
+
+def test_streams_of_two_gpus_are_not_merged(tmp_path):
+    def on(device, k):
+        return {**k, "args": {**k["args"], "device": device}}
+
+    # GPU 1's stream 7 is the busier one; merged with GPU 0's stream 7, busy time would exceed the span
+    path = write(tmp_path, [on(0, kernel(0, 10, 1)), on(0, kernel(20, 10, 2)), on(1, kernel(5, 40, 3))])
+    found = gaps(path)
+    assert found["stream_busy_ms"] == pytest.approx(40) and found["idle_ms"] == 0

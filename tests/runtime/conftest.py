@@ -59,6 +59,13 @@ class Tiny:
                     param.add_(0.2 * torch.randn(param.shape, generator=generator))
 
     @staticmethod
+    def scale_lora(model, factor: float) -> None:
+        """Every LoRA layer's scaling times `factor`: the function the model computes changes, its tensors not."""
+        for m in model.modules():
+            if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {}):
+                m.scaling["default"] *= factor
+
+    @staticmethod
     def batch(seed: int = 2, rows: int = 2, length: int = 13):
         import torch
 

@@ -71,6 +71,30 @@ def test_layers_replayed_in_full_chunk_their_mlp_too(tiny, model_type, monkeypat
         assert tiny.rel(grads[name], grad) < 1e-4, name
 
 
+def test_the_chunks_replay_the_projection_paths_the_forward_took(tiny, monkeypatch):
+    # Each projection is read once, in the layer's first forward, and the chunks' recomputation takes those parts:
+    # a scaling changed in between does not reach the gradients (read again, it would scale them by 3).
+    from adapter_doctor.runtime import projection
+
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    ids = tiny.batch()
+    expected = step(tiny, tiny.lora(tiny.base("llama")), ids)[1]
+    model = tiny.lora(tiny.base("llama"))
+    ensure_patched(model, kernels=TORCH)
+    enable_offloaded_checkpointing(model)
+    reads = []
+    real = projection.lora_parts
+    monkeypatch.setattr(projection, "lora_parts", lambda m: reads.append(m) or real(m))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    tiny.scale_lora(model, 3)
+    loss.backward()
+    projections = [m for name, m in model.named_modules() if name.endswith("_proj") and hasattr(m, "lora_A")]
+    assert sorted(map(id, reads)) == sorted(map(id, projections))  # once each, in the forward only
+    for name, grad in expected.items():
+        assert tiny.rel(model.get_parameter(name).grad, grad) < 1e-4, name
+
+
 def test_an_mlp_with_dropout_runs_whole_and_its_gradients_follow_its_masks(tiny, monkeypatch):
     # LoRA dropout draws masks; a chunk recomputed in the backward, outside the checkpoint's restored RNG,
     # would draw others. The checkpoint's own replay draws the same ones: exact against the plain step.

@@ -89,13 +89,19 @@ def test_a_gradient_only_projection_has_the_projections_gradients():
         assert torch.allclose(g, e, atol=1e-5)
 
 
-def test_the_replay_reads_no_projection_twice(tiny, monkeypatch):
-    from adapter_doctor.runtime import projection
-
+def checkpointed(tiny):
+    """The tiny llama, patched with the gradient-only projection, its layers checkpointed, in training mode."""
     model = tiny_lora(tiny, "llama")
     ensure_patched(model, kernels=SKIPPING)
     enable_offloaded_checkpointing(model)
     model.train()
+    return model
+
+
+def test_the_replay_reads_no_projection_twice(tiny, monkeypatch):
+    from adapter_doctor.runtime import projection
+
+    model = checkpointed(tiny)
     reads = []
     real = projection.lora_parts
     monkeypatch.setattr(projection, "lora_parts", lambda m: reads.append(m) or real(m))
@@ -109,15 +115,29 @@ def test_the_replay_computes_what_the_forward_computed(tiny):
     # An adapter's scaling changed between the forward and the backward: the gradients are still those of the
     # function the forward computed (a replay that read the layers again would scale them by 3).
     expected = lora_grads(tiny_lora(tiny, "llama"))
-    model = tiny_lora(tiny, "llama")
-    ensure_patched(model, kernels=SKIPPING)
-    enable_offloaded_checkpointing(model)
-    model.train()
+    model = checkpointed(tiny)
     loss = model(input_ids=IDS, labels=IDS).loss
-    for m in model.modules():
-        if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {}):
-            m.scaling["default"] *= 3
+    tiny.scale_lora(model, 3)
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_parameters_rebound_after_the_forward_get_the_gradients(tiny):
+    # A wrapper may swap a layer's parameter objects between forward and backward (same values, new objects):
+    # the replay then reads the projections again, and the gradients reach the parameters the layer holds now.
+    expected = lora_grads(tiny_lora(tiny, "llama"))
+    model = checkpointed(tiny)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    stale = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.requires_grad:
+            stale.append(m.weight)
+            m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    loss.backward()
+    assert len(stale) == 28 and all(p.grad is None for p in stale)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert got[name] is not None and torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name

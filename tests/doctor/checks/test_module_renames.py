@@ -146,6 +146,57 @@ def test_before_the_rename_real_peft_loads_the_old_names_bit_exact():
         assert torch.equal(params[key.replace(".weight", ".default.weight")].detach().to(tensor.dtype), tensor), key
 
 
+def _saved_after_the_rename(tmp_path: Path) -> Path:
+    """The ViT adapter in transformers 5.9's names, as a later training run saves it."""
+    (finding,) = _renamed_findings()
+    return _apply_suggested_fix(VIT, tmp_path / "new-names", finding.fix.description)
+
+
+@pytest.mark.parametrize("release", ["4.57.6", "5.0.0", "5.8.1"])
+def test_an_adapter_saved_after_the_rename_is_an_error_on_an_older_release(tmp_path, release):
+    adapter = _saved_after_the_rename(tmp_path)
+    unmatched = [f for f in check(adapter, target_transformers=release)
+                 if f.category == "keys-unmatched" and f.severity.value != "info"]
+    assert [f.id for f in unmatched] == ["ADC520"]  # not ADC513/ADC514 again for the same cause
+    (finding,) = unmatched
+    assert f"vit.layers.0.attention.q_proj, which transformers {release} builds as " \
+           "vit.encoder.layer.0.attention.attention.query" in finding.message
+    assert "transformers >= 5.9.0" in finding.message and "Target modules ... not found" in finding.message
+    assert finding.fix.description.startswith("Load with transformers >= 5.9.0, or set target_modules to "
+                                              "['query', 'value']")
+
+
+@pytest.mark.parametrize("release", ["5.9.0", "5.24.0"])
+def test_an_adapter_saved_after_the_rename_is_healthy_from_it_on(tmp_path, release):
+    assert not [f for f in check(_saved_after_the_rename(tmp_path), target_transformers=release)
+                if f.category == "keys-unmatched" and f.severity.value != "info"]
+
+
+def test_the_reverse_fix_gives_back_the_adapter_saved_before_the_rename(tmp_path):
+    adapter = _saved_after_the_rename(tmp_path)
+    (finding,) = [f for f in check(adapter, target_transformers="5.8.1") if f.id == "ADC520"]
+    targets = ast.literal_eval(re.search(r"target_modules to (\[.*?\])", finding.fix.description).group(1))
+    original = json.loads((VIT / "adapter_config.json").read_text())
+    assert sorted(targets) == sorted(original["target_modules"])
+    example = re.search(r"\((\S+) -> (\S+), …\)", finding.fix.description)
+    assert any(k.startswith(f"base_model.model.{example.group(1)}.lora_")
+               for k in read_header(adapter / "adapter_model.safetensors").tensors)
+    assert any(k.startswith(f"base_model.model.{example.group(2)}.lora_")
+               for k in read_header(VIT / "adapter_model.safetensors").tensors)
+
+
+def test_real_peft_before_the_rename_cannot_load_the_new_names(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs transformers for a real PEFT load")
+    peft = pytest.importorskip("peft", reason="needs PEFT for a real load")
+    if Version(transformers.__version__) >= Version("5.9"):
+        pytest.skip(f"needs transformers < 5.9, which builds ViT with the old names (installed: "
+                    f"{transformers.__version__}); the compat leg of .ci/run runs it")
+    adapter = _saved_after_the_rename(tmp_path)
+    assert "ADC520" in ids(adapter)  # judged against the installed release
+    with pytest.raises(ValueError, match="Target modules .* not found in the base model"):
+        peft.PeftModel.from_pretrained(transformers.ViTForImageClassification.from_pretrained(VIT_BASE), str(adapter))
+
+
 REAL_ADAPTERS = {  # real adapters whose base class PEFT recorded (auto_mapping), rebuilt at the base's sizes
     "056-lockheed886__Vision-Transformers-for-Food-Classification__final_model": (
         "ViTForImageClassification", "ViTConfig", {"num_labels": 101}),  # google/vit-base-patch16-224's sizes
