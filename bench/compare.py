@@ -2,7 +2,7 @@
 
     python bench/compare.py [--sizes 1b,3b,8b] [--seq 2048] [--bs 4] [--longest] [--out results.json]
 
-For every size it runs `bench/train_bench.py` once per variant: HF and Liger with gradient checkpointing as
+For every size and batch size (`--bs 2,4`: both) it runs `bench/train_bench.py` once per variant: HF and Liger with gradient checkpointing as
 their users run them at these sizes, ours without and with its offloaded checkpointing, Unsloth with its own.
 Liger runs when `liger_kernel` imports, Unsloth when `unsloth` does (from a base checkpoint written once under
 --base-dir). It prints a table with tokens/s, peak memory and ratios to HF+PEFT (each row's JSON has its
@@ -169,10 +169,11 @@ def speed(args: argparse.Namespace) -> dict:
     if not args.skip_speed:
         for size in args.sizes.split(","):
             checkpoint = base(args, size) if installed("unsloth") else None
-            for variant, gc in speed_variants():
-                results.append(run("train_bench.py", size=size, variant=variant, seq=args.seq, bs=args.bs, gc=gc,
-                                   checkpoint=checkpoint if variant == "unsloth" else None,
-                                   profile=args.profile and variant == "ours"))
+            for bs in args.bs:
+                for variant, gc in speed_variants():
+                    results.append(run("train_bench.py", size=size, variant=variant, seq=args.seq, bs=bs, gc=gc,
+                                       checkpoint=checkpoint if variant == "unsloth" else None,
+                                       profile=args.profile and variant == "ours"))
     report: dict = {"results": results}
     if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
         checkpoint = base(args, "8b") if installed("unsloth") else None
@@ -180,8 +181,8 @@ def speed(args: argparse.Namespace) -> dict:
                                      gc=True, memory_gib=args.memory_gib,
                                      checkpoint=checkpoint if variant == "unsloth" else None)
                              for variant, gc in speed_variants() if gc]
-    hf = hf_rates(results, lambda r: r.get("size"))
-    print(table(results, lambda r: hf.get(r.get("size")), ["size", "variant", "gc"]))
+    hf = hf_rates(results, lambda r: (r.get("size"), r.get("bs")))
+    print(table(results, lambda r: hf.get((r.get("size"), r.get("bs"))), ["size", "bs", "variant", "gc"]))
     return report
 
 
@@ -198,7 +199,7 @@ def qlora(args: argparse.Namespace) -> dict:
         run("qlora_bench.py", checkpoint=checkpoint, variant=variant, seq=args.seq, bs=bs,
             profile_memory=variant == "hf", profile=args.profile and variant.startswith("ours"),
             as_loaded=args.qlora_as_loaded)
-        for bs in map(int, str(args.bs).split(",")) for variant in chosen]
+        for bs in args.bs for variant in chosen]
     report: dict = {"results": results}
     if args.longest:
         report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, longest_lengths(args),
@@ -246,7 +247,7 @@ def launch(gpus: int, out: Path, **options) -> dict:
 
 
 def multigpu(args: argparse.Namespace) -> dict:
-    size, gpus = (args.sizes if "," not in args.sizes else "8b"), args.multigpu
+    size, gpus, (bs,) = (args.sizes if "," not in args.sizes else "8b"), args.multigpu, args.bs
     rows = [r for r in MULTIGPU_ROWS if r[1] != "liger" or installed("liger_kernel")]
     if args.multigpu_rows:  # e.g. "ddp-hf-on,fsdp2-ours-off": a subset, for launches that must fit a time limit
         chosen = set(args.multigpu_rows.split(","))
@@ -255,7 +256,7 @@ def multigpu(args: argparse.Namespace) -> dict:
     work = args.base_dir / "multigpu"
     for engine, variant, gc in rows:
         name = f"{engine}-{variant}-gc-{'on' if gc else 'off'}"
-        common = dict(size=size, seq=args.seq, bs=args.bs, engines=engine, variants=variant,
+        common = dict(size=size, seq=args.seq, bs=bs, engines=engine, variants=variant,
                       gc="on" if gc else "off", steps=47, warmup=3)
         many = launch(gpus, work / f"{name}-{gpus}.json", check_save=work / "saved", **common)
         one = launch(1, work / f"{name}-1.json", accumulate=gpus, **common)
@@ -281,6 +282,16 @@ def multigpu(args: argparse.Namespace) -> dict:
     return report
 
 
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 MODES = {"speed": speed, "packed": packed, "qlora": qlora, "multigpu": multigpu}  # the order a launch runs them in
 
 
@@ -288,12 +299,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1b,3b,8b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--bs", default="4", help="batch size (--qlora: a comma-separated list)")
+    parser.add_argument("--bs", type=batch_sizes, default=[4],
+                        help="comma-separated batch sizes, each a row per variant (--multigpu: one)")
     parser.add_argument("--longest", action="store_true")
     parser.add_argument("--longest-limit", type=int, default=524288, help="stop the doubling search here")
     parser.add_argument("--longest-lengths", help="comma-separated lengths to try instead of doubling")
     parser.add_argument("--memory-gib", type=float, default=80.0, help="the --longest search's GPU memory cap")
-    parser.add_argument("--skip-speed", action="store_true", help="only the --longest search")
+    parser.add_argument("--skip-speed", action="store_true", help="only the --longest search (of every mode named)")
     parser.add_argument("--profile", action="store_true", help="profile the GPU time of ours' steps")
     parser.add_argument("--base-dir", type=Path, default=Path("/tmp/bench-base"),
                         help="where the random-initialised base checkpoints are written, once")
@@ -307,6 +319,8 @@ def main() -> None:
     parser.add_argument("--multigpu", type=int, metavar="N", help="the rows of bench/multigpu.py on N GPUs and on one")
     parser.add_argument("--multigpu-rows", help="comma-separated ENGINE-VARIANT-on|off, a subset of MULTIGPU_ROWS")
     args = parser.parse_args()
+    if args.multigpu and len(args.bs) != 1:
+        parser.error("--multigpu takes one --bs")
     global ROWS
     ROWS = Rows(args.out.with_name(args.out.stem + ".partial.json"))
     modes = {name: mode for name, mode in MODES.items() if getattr(args, name)} or {"speed": speed}

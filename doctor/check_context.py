@@ -60,23 +60,28 @@ class Context:
         model = base.config if base is not None else {"architectures": [name]} if isinstance(name, str) else None
         if model is None or not isinstance(config, dict) or self.peft_type not in _RENAMED_TYPES or layout_is_special(model):
             return None
-        names = [n for n, m in base.modules.items() if m.kind != "experts"] if base is not None else None
         converts = has_behaviour("transformers_key_conversion", self.target_release)
-        return transformers_renames.verdict(model, config, self._adapter_modules, names,
+        return transformers_renames.verdict(model, config, self.adapter_modules, self.base_names,
                                             layout_release(self.env.transformers), converts, self.matcher)
 
     @cached_property
     def newer_names(self) -> transformers_renames.NewerNames | None:
         """Adapter modules named as a later transformers builds the base (ADC520): saved on a newer release."""
-        config, base = self.artifact.config, self.base
-        if base is None or not base.modules or not isinstance(config, dict) or self.peft_type not in _RENAMED_TYPES \
+        config, base, names = self.artifact.config, self.base, self.base_names
+        if base is None or not names or not isinstance(config, dict) or self.peft_type not in _RENAMED_TYPES \
                 or layout_is_special(base.config):
             return None
-        names = [n for n, m in base.modules.items() if m.kind != "experts"]
-        return transformers_renames.newer_names(base.config, self._adapter_modules, names,
-                                                layout_release(self.env.transformers))
+        return transformers_renames.newer_names(base.config, config, self.adapter_modules, names,
+                                                layout_release(self.env.transformers), self.matcher)
 
     @cached_property
-    def _adapter_modules(self) -> list[str]:
+    def adapter_modules(self) -> list[str]:
+        """The modules the adapter's weights adapt: LoRA pairs and fully saved parameters."""
         return sorted({k.module for k in self.artifact.keys.values()
                        if k.role.startswith("lora_") or (k.role == "full" and k.param)})
+
+    @cached_property
+    def base_names(self) -> list[str] | None:
+        """The base's module names, fused experts aside; None without a base."""
+        base = self.base
+        return None if base is None else [n for n, m in base.modules.items() if m.kind != "experts"]

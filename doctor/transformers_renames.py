@@ -209,13 +209,12 @@ def verdict(model: dict, config: dict, modules: list[str], base_modules: list[st
     targets = config.get("target_modules")
     if not renamed or targets is None:
         return None
-    selector = ModuleSelector(targets, matcher)
     names = _universe(base_modules, every)
-    answers = {name: selector(name) for name in names}
-    if None in answers.values():
+    answers = _answers(config, names, matcher)
+    if answers is None:
         return None
     unselected = [r for r in renamed if not answers[r.new]]  # every renamed name is in the universe
-    nothing = not any(answers.values()) and not config.get("target_parameters")
+    nothing = _nothing(config, answers)
     keys_ok = None if base_modules is None else peft_converts and _registered(model.get("model_type"), tf)
     return RenameVerdict(scopes, renamed, unselected, nothing, keys_ok, _first_renaming(model, renamed[0]), names)
 
@@ -229,16 +228,19 @@ class NewerNames:
     renamed: list[Renaming]
     since: str  # the first release read that builds the adapter's names
     model_modules: list[str]  # the module names the model will have, as judged
+    nothing_selected: bool | None  # target_modules selects no module: PEFT raises (None: it cannot be run)
 
 
-def newer_names(model: dict, modules: list[str], base_modules: list[str], tf: Version) -> NewerNames | None:
+def newer_names(model: dict, config: dict, modules: list[str], base_modules: list[str], tf: Version,
+                matcher: Matcher) -> NewerNames | None:
     """The reverse of `verdict`: adapter `modules` that the base, as transformers `tf` builds it, lacks, and that
-    the newest release read names one of its modules. None when there are none or the renames are not followed."""
+    the newest release read names one of its modules. None when there are none or the renames are not followed.
+    It needs the base's module names: a base known by its config alone names none (ADC518 does not need them)."""
+    present = set(base_modules)
     newest = Version(newest_release())
-    later = transforms_for(model, newest) if tf < newest else []
+    later = transforms_for(model, newest) if tf < newest and not present.issuperset(modules) else []
     if not renames_modules(later) or not followed(later):
         return None
-    present = set(base_modules)
     back: dict[str, str] = {}
     for name in base_modules:
         r = rename_module(name, later)
@@ -249,7 +251,24 @@ def newer_names(model: dict, modules: list[str], base_modules: list[str], tf: Ve
         return None
     arch = next(s.key for s in later if s.key != LEGACY)
     since = _first_renaming(model, Renaming(found[0].new, found[0].old, True))
-    return NewerNames(arch, found, since, sorted(present))
+    answers = _answers(config, sorted(present), matcher)
+    return NewerNames(arch, found, since, sorted(present), None if answers is None else _nothing(config, answers))
+
+
+def _answers(config: dict, names: list[str], matcher: Matcher) -> dict[str, bool] | None:
+    """target_modules' answer for each of `names`; None where it cannot be run (all-linear, a regex over the
+    budget) or is missing."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return None
+    selector = ModuleSelector(targets, matcher)
+    answers = {name: selector(name) for name in names}
+    return None if None in answers.values() else {name: bool(a) for name, a in answers.items()}
+
+
+def _nothing(config: dict, answers: dict[str, bool]) -> bool:
+    # PEFT raises when target_modules selects no module, unless target_parameters adapts some
+    return not any(answers.values()) and not config.get("target_parameters")
 
 
 def _universe(base_modules: list[str] | None, every: list[Renaming]) -> list[str]:

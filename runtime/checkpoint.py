@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .eligibility import still_held
 from .parameters import trainable_parameters
 from .tape import RECOMPUTE, RECORD, REPLAY, Tape, taping
 
@@ -266,12 +267,8 @@ def _function() -> type:
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
-            # The parameters' gradients go out through their edges, unless the layer now holds other parameter
-            # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before,
-            # and the projections are read again, so that the gradients reach the parameters the layer holds now.
-            same = _same(ctx.params, trainable_parameters(ctx.layer))
             replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
-            replay.parts = ctx.parts if same else {}
+            replay.parts = _held(ctx.parts)
             with torch.random.fork_rng(devices=devices), taping(replay):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
@@ -279,7 +276,9 @@ def _function() -> type:
                 with torch.enable_grad():
                     out = ctx.run(hidden, *rest)
             out = out[0] if ctx.tuple_out else out
-            params = list(ctx.params) if same else []
+            # The parameters' gradients go out through their edges, unless the layer now holds other parameter
+            # objects than in the forward (a sharding wrapper's views): then they accumulate in place, as before.
+            params = list(ctx.params) if _same(ctx.params, trainable_parameters(ctx.layer)) else []
             if params:
                 grads = torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
             else:
@@ -299,6 +298,12 @@ def _layer_of(function: Callable[..., Any]) -> Any:
 
     candidates = [*getattr(function, "args", ())[:1], getattr(getattr(function, "func", function), "__self__", None)]
     return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
+
+
+def _held(parts: dict) -> dict:
+    """The recorded projection parts whose LoRA tensors their modules still hold: the others are read again in
+    the replay, so that the gradients reach the parameters the layer holds now."""
+    return {k: (m, p) for k, (m, p) in parts.items() if p is None or still_held(m, p)}
 
 
 def _same(a: Any, b: Any) -> bool:

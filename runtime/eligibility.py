@@ -206,6 +206,14 @@ def lora_parts(module: Any) -> LoraParts | Lora4bitParts | None:
     return LoraParts(base.weight, base.bias, a, b, scaling)
 
 
+def still_held(module: Any, parts: LoraParts | Lora4bitParts) -> bool:
+    """Whether LoRA layer `module` still holds the A and B that `parts` were read from, under any adapter name:
+    a wrapper may swap parameter objects between a forward and its backward, while switching the active
+    adapter or a requires_grad flag leaves them."""
+    return any(a.weight is parts.lora_a for a in module.lora_A.values()) \
+        and any(b.weight is parts.lora_b for b in module.lora_B.values())
+
+
 def path_taken(module: Any) -> tuple[str, str]:
     """("fused" or "fused 4-bit <type>", "") or ("fallback", reason) for a LoRA projection, as the report says."""
     reason = why_not_fused(module)

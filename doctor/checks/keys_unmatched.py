@@ -170,7 +170,7 @@ def _targets_without_weights(ctx: Context, config: dict, keys: list[AdapterKey])
 def _against_base(ctx: Context, config: dict, selection: _Selection, keys: list[AdapterKey], where: str,
                   base: BaseModel) -> Iterator[Finding]:
     modules = base.modules
-    adapter_modules = sorted({k.module for k in keys if k.role.startswith("lora_") or (k.role == "full" and k.param)})
+    adapter_modules = ctx.adapter_modules
     renamed = ctx.renames.reported if ctx.renames is not None else frozenset()  # ADC518 and ADC520 explain those
     if ctx.newer_names is not None:
         renamed |= {r.old for r in ctx.newer_names.renamed}

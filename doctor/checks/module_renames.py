@@ -95,9 +95,7 @@ def _newer_finding(ctx: Context, v: NewerNames) -> Finding:
     parts = [f"{len(v.renamed)} adapter module(s) use the names transformers {v.since} gave {v.arch}'s modules "
              f"(e.g. {first.old}, which transformers {tf} builds as {first.new}): the adapter was saved with "
              f"transformers >= {v.since}, and transformers {tf} does not rename its keys back."]
-    runnable = isinstance(targets, (list, str)) and targets != "all-linear"
-    answers = [ModuleSelector(targets, ctx.matcher)(n) for n in v.model_modules] if runnable else [None]
-    if not any(answers) and None not in answers and not ctx.artifact.config.get("target_parameters"):
+    if v.nothing_selected:
         parts.append(f"target_modules={brief(targets)} selects no module of transformers {tf}'s model: PEFT raises "
                      "`ValueError: Target modules ... not found in the base model`.")
     old_targets = _renamed_targets(targets, v.renamed, v.model_modules)

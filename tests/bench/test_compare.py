@@ -91,3 +91,19 @@ def test_modes_combine_into_one_launch_and_one_report_keyed_by_mode(compare, mon
     assert [e["variant"] for e in report["speed"]["longest"]] == ["hf", "ours"]
     assert [c[c.index("--layout") + 1] for c in calls if "--layout" in c] == ["padded", "padded", "packed", "packed"]
     assert len(calls) == 3 + 2 + 4 and not (tmp_path / "all.partial.json").exists()
+
+
+def test_every_mode_runs_each_batch_size_and_a_bad_list_is_a_usage_error(compare, monkeypatch, tmp_path, capsys):
+    calls = fake_processes(monkeypatch, compare)
+    (tmp_path / "8b").mkdir()
+    (tmp_path / "8b" / "config.json").write_text("{}")  # the QLoRA base, written once before
+    out = tmp_path / "both.json"
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--sizes", "8b", "--out", str(out), "--speed", "--qlora",
+                                      "--bs", "2,4", "--qlora-variants", "hf,ours", "--base-dir", str(tmp_path)])
+    compare.main()
+    batch = [int(c[c.index("--bs") + 1]) for c in calls]
+    assert batch == [2, 2, 2, 4, 4, 4] + [2, 2, 4, 4]  # speed: three variants a size; QLoRA: the two chosen
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--bs", "2,x"])
+    with pytest.raises(SystemExit) as stopped:
+        compare.main()
+    assert stopped.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err

@@ -141,3 +141,33 @@ def test_parameters_rebound_after_the_forward_get_the_gradients(tiny):
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
         assert got[name] is not None and torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_an_adapter_switched_after_the_forward_gets_no_gradients(tiny):
+    # set_adapter between forward and backward flips requires_grad flags but swaps no parameter: the replay
+    # still computes the forward's function, and the adapter switched to, absent from it, gets no gradient.
+    from peft import LoraConfig
+
+    def two_adapters():
+        model = tiny_lora(tiny, "llama")
+        model.add_adapter("other", LoraConfig(r=8, lora_alpha=16, target_modules=tiny.targets, lora_dropout=0.0))
+        tiny.randomise_lora(model, 5)
+        model.base_model.set_adapter("default")
+        return model
+
+    def step(model):
+        model.train()
+        loss = model(input_ids=IDS, labels=IDS).loss
+        model.base_model.set_adapter("other")
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+    expected = step(two_adapters())
+    model = two_adapters()
+    ensure_patched(model, kernels=SKIPPING)
+    enable_offloaded_checkpointing(model)
+    got = step(model)
+    assert [n for n in got if ".other." in n and got[n] is not None] == []
+    for name, grad in expected.items():
+        assert (got[name] is None) == (grad is None), name
+        assert grad is None or torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
