@@ -2,11 +2,11 @@
 
     python bench/compare.py [--sizes 1b,3b,8b] [--seq 2048] [--bs 4] [--longest] [--out results.json]
 
-For every size and batch size (`--bs 2,4`: both) it runs `bench/train_bench.py` once per variant: HF and Liger with gradient checkpointing as
-their users run them at these sizes, ours without and with its offloaded checkpointing, Unsloth with its own.
-Liger runs when `liger_kernel` imports, Unsloth when `unsloth` does (from a base checkpoint written once under
---base-dir). It prints a table with tokens/s, peak memory and ratios to HF+PEFT (each row's JSON has its
-MFU), and writes the JSON.
+For every size and batch size (`--bs 2,4`: both) it runs `bench/train_bench.py` once per variant: HF and
+Liger with gradient checkpointing as their users run them at these sizes, ours without and with its offloaded
+checkpointing, Unsloth with its own. Liger runs when `liger_kernel` imports, Unsloth when `unsloth` does (from
+a base checkpoint written once under --base-dir). It prints a table with tokens/s, peak memory and ratios to
+HF+PEFT (each row's JSON has its MFU), and writes the JSON.
 `--longest` also finds, for 8B at batch 1 under a --memory-gib cap (80: an 80 GB card), the longest sequence
 each variant trains (doubling until it runs out of memory); `--skip-speed` runs the search alone, and
 `--longest-lengths 262144,400000` tries those lengths in turn instead (one step each, up to 590 s a process).

@@ -245,8 +245,8 @@ def kernel_profile(step: Callable[[Any], Any], batch: Any, steps: int = 2, top: 
     return {"wall_ms": round(wall * 1e3, 1),
             "gpu_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "gpu_busy_ms": round(sum(kinds.values()) / 1e3, 1), "top": _rows(kernels, top),
-            "host_self_ms": round(sum(h[1] for h in host) / 1e3, 1), "host_top": _rows(host, top), "host_waits": _rows(waits, top),
-            "gpu_idle": idle}
+            "host_self_ms": round(sum(h[1] for h in host) / 1e3, 1), "host_top": _rows(host, top),
+            "host_waits": _rows(waits, top), "gpu_idle": idle}
 
 
 def _rows(found: list[tuple[str, float, int]], top: int) -> list[dict]:

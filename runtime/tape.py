@@ -7,8 +7,8 @@ or RECOMPUTE for a layer replayed in full). The tape carries what the first run 
 - each projection's parts, as `eligibility.lora_parts` read them (or None: called as a module). A fused
   projection then replays what the forward computed, even where an adapter was switched in between (one called
   as a module runs as the module is then), and the replay skips a second read of every projection's
-  eligibility (a few dozen attribute lookups each). The checkpoint drops them where the layer holds other
-  parameter objects than in its forward, so that the gradients reach the ones it holds now.
+  eligibility (a few dozen attribute lookups each). The checkpoint drops a projection's parts where its
+  module no longer holds the A and B they were read from, so that the gradients reach the ones it holds now.
 """
 from __future__ import annotations
 
