@@ -75,6 +75,12 @@ class Context:
                                                 layout_release(self.env.transformers), self.matcher)
 
     @cached_property
+    def renamed_modules(self) -> frozenset[str]:
+        """The adapter modules that ADC518 or ADC520 report as renamed: the other checks leave them to those."""
+        found = self.renames.reported if self.renames is not None else frozenset()
+        return found | {r.old for r in self.newer_names.renamed} if self.newer_names is not None else found
+
+    @cached_property
     def adapter_modules(self) -> list[str]:
         """The modules the adapter's weights adapt: LoRA pairs and fully saved parameters."""
         return sorted({k.module for k in self.artifact.keys.values()

@@ -251,8 +251,9 @@ def newer_names(model: dict, config: dict, modules: list[str], base_modules: lis
         return None
     arch = next(s.key for s in later if s.key != LEGACY)
     since = _first_renaming(model, Renaming(found[0].new, found[0].old, True))
-    answers = _answers(config, sorted(present), matcher)
-    return NewerNames(arch, found, since, sorted(present), None if answers is None else _nothing(config, answers))
+    names = sorted(present)
+    answers = _answers(config, names, matcher)
+    return NewerNames(arch, found, since, names, None if answers is None else _nothing(config, answers))
 
 
 def _answers(config: dict, names: list[str], matcher: Matcher) -> dict[str, bool] | None:

@@ -171,9 +171,7 @@ def _against_base(ctx: Context, config: dict, selection: _Selection, keys: list[
                   base: BaseModel) -> Iterator[Finding]:
     modules = base.modules
     adapter_modules = ctx.adapter_modules
-    renamed = ctx.renames.reported if ctx.renames is not None else frozenset()  # ADC518 and ADC520 explain those
-    if ctx.newer_names is not None:
-        renamed |= {r.old for r in ctx.newer_names.renamed}
+    renamed = ctx.renamed_modules  # ADC518 and ADC520 explain those
     heads = _task_heads(config)
     missing = [m for m in adapter_modules if m not in modules and m not in renamed and not _task_built(m, heads)]
     if missing:
