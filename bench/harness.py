@@ -201,6 +201,7 @@ def timed(step: Callable[[Any], Any], warmup: Iterable[Any], batches: list[Any],
     seconds = time.perf_counter() - start
     return {"tok_s": round(real_tokens / seconds), "step_s": round(seconds / len(batches), 4),
             "peak_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+            "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
             "loss": None if loss is None else round(float(loss.detach()), 4)}
 
 

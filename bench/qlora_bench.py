@@ -13,6 +13,7 @@ compute), LoRA r=16 on all seven projections, AdamW. Variants:
 - `ours`: `hf`'s model, then `ensure_patched`.
 - `ours-offload`: `ours` plus `enable_offloaded_checkpointing`.
 - `ours-bf16-offload`: no fp32 cast, `ensure_patched` and `enable_offloaded_checkpointing`.
+- `ours-bf16-offload-graphs`: the same with `cuda_graphs=True`: the layers replayed as CUDA graphs.
 - `ours-bf16-offload-half`: the same, checkpointing every second layer (`every_n_layers=2`): memory traded
   back for speed.
 - `ours-bf16`: no fp32 cast, `ensure_patched`, no checkpointing: the fastest, in the most memory.
@@ -53,8 +54,8 @@ from harness import (  # noqa: E402
     write_base,
 )
 
-VARIANTS = ["hf", "ours-offload", "ours", "hf-bf16", "ours-bf16-offload", "ours-bf16-offload-half", "ours-bf16",
-            "liger", "unsloth", "unsloth-nockpt"]
+VARIANTS = ["hf", "ours-offload", "ours", "hf-bf16", "ours-bf16-offload", "ours-bf16-offload-graphs",
+            "ours-bf16-offload-half", "ours-bf16", "liger", "unsloth", "unsloth-nockpt"]
 
 
 def load(path: Path, variant: str):
@@ -209,7 +210,8 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
         report = {"kernels": patched.kernels, "fallbacks": len(patched.fallbacks),
                   "fallback_reasons": sorted({f.reason for f in patched.fallbacks})}
         if "offload" in args.variant:
-            enable_offloaded_checkpointing(model, every_n_layers=2 if args.variant.endswith("-half") else 1)
+            enable_offloaded_checkpointing(model, every_n_layers=2 if args.variant.endswith("-half") else 1,
+                                           cuda_graphs=args.variant.endswith("-graphs"))
     if not args.as_loaded:
         model.train()
     dtypes: dict[str, str] = {}

@@ -205,3 +205,18 @@ def test_qlora_convergence_matches_hf_peft(bnb, checkpoint):
     assert expected[-1] < 0.8 * expected[0]  # it learns: the curve means something
     worst = max(abs(g - e) / e for g, e in zip(got[5:], expected[5:]))
     assert worst < 1e-2, (worst, got, expected)
+
+
+def test_qlora_offloaded_layers_replayed_as_cuda_graphs_train_as_eager_ones(bnb, checkpoint):
+    from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patched, host_plan
+
+    runs = {}
+    for graphs in (False, True):
+        model = qlora(checkpoint)
+        ensure_patched(model, kernels="triton")
+        enable_offloaded_checkpointing(model, cuda_graphs=graphs)
+        runs[graphs] = curve(model, steps=6), host_plan(model).graphs
+    (eager, _), (graphed, stats) = runs[False], runs[True]
+    layers = SMALL["num_hidden_layers"]
+    assert stats.captured == 2 * layers and stats.replayed == 2 * layers * 5, stats
+    assert max(abs(g - e) / e for g, e in zip(graphed, eager)) <= 1e-6, (graphed, eager)

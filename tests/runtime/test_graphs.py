@@ -1,0 +1,244 @@
+"""When a checkpointed layer's graphs are captured, replayed, dropped and given up (graphs.py), on the CPU.
+
+The signatures are tested as they are. For the calls, `ReplayingGraphs` is a STAND-IN for CUDA graphs, built
+from what a CUDA graph does: it is captured from one run of the call on static input buffers and then, at each
+replay, computes the same call on whatever those buffers hold, writing the static outputs, while the call's
+Python runs no more (the stand-in reruns it, on the buffers). It stands in for the device's graph mechanics
+alone: the layers' bodies, aliases, tapes and copies are the runtime's own. The same behaviours with real CUDA
+graphs, bitwise against the eager run, are in test_graphs_gpu.py and kernels/test_dequant4bit_gpu.py.
+"""
+import functools
+
+import pytest
+import torch
+from adapter_doctor.runtime import checkpoint, enable_offloaded_checkpointing, ensure_patched, host_plan
+from adapter_doctor.runtime.graphs import (
+    Call,
+    GraphSet,
+    GraphStats,
+    Ungraphable,
+    _fill,
+    current_parts,
+    layer_key,
+    parts_key,
+)
+
+
+def forward(layer, hidden, scale=1.0, position_embeddings=None, mask=None):
+    cos, sin = position_embeddings
+    return layer(hidden) * scale + cos.sum() + sin.sum() + (0 if mask is None else mask.sum())
+
+
+def test_a_call_is_split_into_its_signature_and_tensors_and_rebuilt_around_others():
+    layer = torch.nn.Linear(4, 4)
+    cos, sin = torch.ones(3), torch.zeros(3)
+    call = Call(functools.partial(forward, layer, scale=2.0, position_embeddings=(cos, sin), mask=None), ())
+    assert len(call.tensors) == 2 and call.tensors[0] is cos and call.tensors[1] is sin
+    function, rest = call.rebuilt([torch.full((3,), 2.0), torch.full((3,), 3.0)])
+    hidden = torch.randn(2, 4)
+    assert rest == ()
+    assert torch.equal(function(hidden), layer(hidden) * 2.0 + 6.0 + 9.0)
+
+    def key(**change):
+        options = {"scale": 2.0, "position_embeddings": (cos, sin), "mask": None, **change}
+        return Call(functools.partial(forward, layer, **options), ()).key
+
+    assert key() == key(position_embeddings=(torch.ones(3), torch.zeros(3)))  # same layouts, other values
+    assert key() != key(scale=3.0)
+    assert key() != key(position_embeddings=(torch.ones(4), sin))
+    assert key() != key(position_embeddings=(cos.double(), sin))
+    assert key() != key(mask=torch.ones(3))
+    assert key() != Call(functools.partial(forward, torch.nn.Linear(4, 4), scale=2.0,
+                                           position_embeddings=(cos, sin)), ()).key  # another layer
+
+
+def test_an_argument_of_unknown_kind_makes_the_call_ungraphable():
+    class Cache:
+        pass
+
+    with pytest.raises(Ungraphable, match="an argument of type Cache"):
+        Call(functools.partial(forward, torch.nn.Linear(4, 4), mask=Cache()), ())
+
+
+def lora_layer(tiny):
+    model = tiny.lora(tiny.base())
+    return model, model.base_model.model.model.layers[0]
+
+
+def recorded(layer):
+    modules = [m for m in layer.modules() if hasattr(m, "lora_A")]
+    return {id(m): (m, None) for m in modules}
+
+
+def test_the_parts_signature_follows_the_adapters_state(tiny):
+    model, layer = lora_layer(tiny)
+    record = recorded(layer)
+    first = parts_key(current_parts(record))
+    assert parts_key(current_parts(record)) == first  # read again: the same (fresh `.data` views included)
+    tiny.scale_lora(model, 2.0)
+    assert parts_key(current_parts(record)) != first
+    tiny.scale_lora(model, 0.5)
+    assert parts_key(current_parts(record)) == first
+    q = layer.self_attn.q_proj
+    q.lora_A["default"].weight = torch.nn.Parameter(q.lora_A["default"].weight.detach().clone())
+    assert parts_key(current_parts(record)) != first  # a rebound parameter: another address
+    with model.disable_adapter(), pytest.raises(Ungraphable, match="runs as a PEFT module"):
+        parts_key(current_parts(record))
+
+
+def test_the_layer_signature_follows_mode_addresses_and_for_the_backward_requires_grad(tiny):
+    _, layer = lora_layer(tiny)
+    layer.train()
+    forward_key, backward_key = layer_key(layer, False), layer_key(layer, True)
+    norm = layer.input_layernorm.weight
+    norm.requires_grad_(not norm.requires_grad)
+    assert layer_key(layer, False) == forward_key and layer_key(layer, True) != backward_key
+    norm.requires_grad_(not norm.requires_grad)
+    layer.eval()
+    assert layer_key(layer, False) != forward_key
+    layer.train()
+    layer.input_layernorm.weight = torch.nn.Parameter(norm.detach().clone())
+    assert layer_key(layer, False) != forward_key
+
+
+def test_graphs_are_off_by_default_and_count_nothing_off_the_gpu(tiny):
+    model = tiny.lora(tiny.base())
+    enable_offloaded_checkpointing(model)
+    assert host_plan(model).graphs is None
+    other = tiny.lora(tiny.base())
+    ensure_patched(other)
+    enable_offloaded_checkpointing(other, cuda_graphs=True)
+    tiny.run(other, tiny.batch())
+    assert host_plan(other).graphs == GraphStats()  # CPU tensors: every layer ran as before, uncounted
+
+
+class ReplayingGraphs(GraphSet):
+    """STAND-IN for a model's CUDA graphs on the CPU (see the module docstring)."""
+
+    fail: str | None = None  # "warm_up" or "capture": raise there, as an operation the capture cannot hold does
+
+    def supports(self, hidden):
+        return True
+
+    def random_state(self, device):
+        return (torch.get_rng_state(),)
+
+    def warm_up(self, inputs, body):
+        if self.fail == "warm_up":
+            raise RuntimeError("CUDA call made while synchronisation is an error")
+        static = [None if t is None else self.buffers.get(f"in{i}", t) for i, t in enumerate(inputs)]
+        _fill(static, inputs)
+        outputs, _ = body(static)
+        return static, [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
+
+    def capture(self, static, static_out, body):
+        if self.fail == "capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        _, extra = body(static)
+
+        class Graph:
+            replays = 0
+
+            def replay(self):
+                Graph.replays += 1
+                _fill(static_out, body(static)[0])
+
+        return Graph(), extra
+
+
+@pytest.fixture
+def replaying(monkeypatch):
+    made = []
+
+    def make():
+        made.append(ReplayingGraphs())
+        return made[-1]
+
+    monkeypatch.setattr(checkpoint, "GraphSet", make)
+    return made
+
+
+def checkpointed(tiny, graphs, **overrides):
+    model = tiny.lora(tiny.base(**overrides))
+    ensure_patched(model, kernels="torch")
+    enable_offloaded_checkpointing(model, cuda_graphs=graphs)
+    return model
+
+
+def train(model, batches, changes=None):
+    """Losses and the final trainable weights of an AdamW run over `batches`; changes[i](model) before step i."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for i, ids in enumerate(batches):
+        if changes and i in changes:
+            changes[i](model)
+        torch.manual_seed(i)  # dropout draws the same in both runs
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def same_training(tiny, batches, changes=None, fail=None, **overrides):
+    """The graphs' stats after training with them, checked against the same training without."""
+    eager = train(checkpointed(tiny, False, **overrides), batches, changes)
+    model = checkpointed(tiny, True, **overrides)
+    ReplayingGraphs.fail = fail
+    try:
+        graphed = train(model, batches, changes)
+    finally:
+        ReplayingGraphs.fail = None
+    assert torch.allclose(graphed[0], eager[0], rtol=1e-6, atol=1e-7), (graphed[0], eager[0])
+    assert graphed[1].keys() == eager[1].keys()
+    for name, weight in eager[1].items():
+        assert torch.allclose(graphed[1][name], weight, rtol=1e-5, atol=1e-7), name
+    return host_plan(model).graphs
+
+
+def batches(tiny, count, length=13, first=0):
+    return [tiny.batch(seed=s, length=length) for s in range(first, first + count)]
+
+
+def test_each_call_is_seen_once_captured_once_then_replayed(tiny, replaying):
+    stats = same_training(tiny, batches(tiny, 5))
+    # 2 layers, forward and backward each: seen at step 0, captured at step 1 and replayed from then on
+    assert stats == GraphStats(captured=4, replayed=4 * 4, eager={"first call of its signature": 4})
+
+
+def test_a_rescaled_adapter_and_a_new_batch_shape_are_captured_again(tiny, replaying):
+    # steps 0-2, rescaled at 3 (eager), captured again at 4; the longer batches eager at 6, captured at 7
+    steps = batches(tiny, 6) + batches(tiny, 3, length=21, first=6)
+    stats = same_training(tiny, steps, {3: lambda m: tiny.scale_lora(m, 1.5)})
+    assert stats == GraphStats(captured=12, replayed=4 * 6,
+                               eager={"first call of its signature": 4, "signature changed": 8})
+
+
+def test_a_layer_that_draws_random_numbers_is_never_captured(tiny, replaying):
+    stats = same_training(tiny, batches(tiny, 3), attention_dropout=0.5)
+    assert stats.captured == stats.replayed == 0
+    # the first forward of each layer finds it out; its backward then replays as before, outside the graphs
+    assert stats.eager == {"first call of its signature": 2, "draws random numbers (dropout)": 4}
+
+
+def test_a_lora_layer_run_as_a_peft_module_keeps_its_layer_eager(tiny, replaying):
+    def disable_one(model):  # layer 0's q_proj runs its base alone, through PEFT's forward
+        model.base_model.model.model.layers[0].self_attn.q_proj._disable_adapters = True
+
+    stats = same_training(tiny, batches(tiny, 3), {0: disable_one})
+    assert stats.captured == 2  # layer 1, forward and backward
+    # layer 0: its first forward learns the signature cannot hold; every later call and every backward says why
+    assert stats.eager == {"first call of its signature": 3, "a LoRA projection runs as a PEFT module": 5}, stats
+
+
+@pytest.mark.parametrize("fail,reason", [("warm_up", "waits for the host"), ("capture", "capture failed")])
+def test_a_call_that_cannot_be_captured_runs_eagerly_and_exactly(tiny, replaying, fail, reason):
+    stats = same_training(tiny, batches(tiny, 4), fail=fail)
+    assert stats.captured == stats.replayed == 0
+    off = [k for k in stats.eager if k.startswith(reason)]
+    assert len(off) == 1 and "RuntimeError" in off[0], stats
+    if fail == "capture":  # the first failure stops the whole model's captures
+        assert replaying[-1].off == off[0]
+        assert stats.eager[off[0]] == 2 * 3  # the forwards of steps 1-3; their backwards run as without graphs
