@@ -13,14 +13,22 @@ The signature is what a recorded call baked in:
 - the address and layout of each of the layer's parameters and buffers (and, for the backward, which of them
   require grad), and each LoRA projection's parts as `eligibility.lora_parts` reads them now: switching,
   disabling, merging or rescaling an adapter, or rebinding a parameter, changes them;
-- training mode and autocast.
-A call whose signature changed runs eagerly and is captured again at its next sighting. A layer whose forward
-draws random numbers (dropout), whose LoRA layers run as PEFT modules, or whose capture fails (an operation that
-waits for the host), runs eagerly for good; `GraphStats` counts why.
+- training mode.
+A call whose signature changed runs eagerly and is captured again at its next sighting. Some calls are never
+captured: under autocast (whose cache of weight casts a replay would read after the region freed it), with
+module hooks (a replay would skip them), a packed batch (its attention builds the document layout per batch),
+a layer across devices, one whose LoRA layers run as PEFT modules (their result follows PEFT's state, which no
+signature here reads). A layer whose forward draws random numbers (dropout) or returns more than one tensor, or
+whose warm-up or capture fails, runs eagerly for good; after a failed capture the whole model does, since it
+can leave CUDA's allocator in capture mode. A backward is replayed only after a forward that drew no random
+numbers: the eager backward restores the forward's random state for its replay, a graph cannot. `GraphStats`
+counts each eager call's reason.
 
-The graphs of one model share one memory pool, and their inputs and outputs sit in buffers shared by the layers
-of one signature: like the eager run, they hold one layer's working set, not one per layer. The outputs are
-copied out of those buffers after each replay, since the next layer's replay rewrites them.
+The graphs of one model share one memory pool per device, and their inputs and outputs sit in buffers shared
+by the layers of one signature: like the eager run, they hold one layer's working set, not one per layer. The
+outputs are copied out of those buffers after each replay, since the next layer's replay rewrites them. Buffers
+are kept for every layout seen, so batches of ever new shapes (dynamic padding) grow memory and recapture: pad
+to a few fixed lengths, or leave the graphs off.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-from .eligibility import is_lora_linear, lora_parts
+from .eligibility import _global_hooks, _hooked, is_lora_linear, lora_parts
 from .tape import REPLAY, Tape, taping
 
 _PLAIN = (type(None), bool, int, float, str)
@@ -108,6 +116,8 @@ class Call:
         self.leaves: list[Any] = []
         self.spec = _flatten((tuple(args), dict(keywords), tuple(rest)), self.leaves)
         self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
+        if any(k.startswith("cu_seq_lens") for k in keywords):  # its attention builds the layout per batch
+            raise Ungraphable("a packed batch")
         self.key = (_callable_key(self.func), self.spec, tuple(_leaf_key(v) for v in self.leaves))
 
     def rebuilt(self, tensors: Sequence[Any]) -> tuple[Callable[..., Any], tuple]:
@@ -145,14 +155,21 @@ def current_parts(recorded: dict) -> dict:
     return {k: (module, lora_parts(module)) for k, (module, _) in recorded.items()}
 
 
-def layer_key(layer: Any, grads: bool) -> tuple:
-    """The layer's tensors as a recorded call reads them (address and layout), its mode, and autocast's."""
+def layer_key(layer: Any, grads: bool, device: Any) -> tuple:
+    """The layer's tensors as a recorded call reads them (address and layout) and its mode; raises Ungraphable
+    for what a graph cannot replay: a layer across devices, hooks (the replay would skip them), autocast (its
+    cache of weight casts, filled by the warm-up, would be read by every replay after the region freed it)."""
     import torch
 
+    if torch.is_autocast_enabled("cuda"):
+        raise Ungraphable("under autocast")
+    if _global_hooks() or any(_hooked(m) for m in layer.modules()):
+        raise Ungraphable("module hooks")
     tensors = [*layer.parameters(), *layer.buffers()]
+    if any(t.device != device for t in tensors):
+        raise Ungraphable("a layer across devices")
     held = tuple(tensor_key(t) + (t.data_ptr(), grads and t.requires_grad) for t in tensors)
-    autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    return held, layer.training, autocast
+    return held, layer.training
 
 
 class Buffers:
@@ -178,8 +195,7 @@ class GraphSet:
     def __init__(self) -> None:
         self.stats = GraphStats()
         self.buffers = Buffers()
-        self.stream: Any = None
-        self.pool: Any = None
+        self.streams: dict[Any, tuple[Any, Any]] = {}  # device -> (capture stream, memory pool)
         self.off: str | None = None  # a failed capture: every layer of the model runs eagerly from then on
 
     def supports(self, hidden: Any) -> bool:
@@ -192,13 +208,13 @@ class GraphSet:
 
         return torch.cuda.get_rng_state(device), torch.get_rng_state()
 
-    def _stream(self, device: Any) -> Any:
+    def _stream(self, device: Any) -> tuple[Any, Any]:
         import torch
 
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device)
-            self.pool = torch.cuda.graph_pool_handle()
-        return self.stream
+        if device not in self.streams:
+            with torch.cuda.device(device):
+                self.streams[device] = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+        return self.streams[device]
 
     def warm_up(self, inputs: list[Any], body: Callable) -> tuple[list[Any], list[Any]]:
         """One run of `body` on the capture's stream into static input buffers, where lazy set-ups (library
@@ -208,12 +224,12 @@ class GraphSet:
 
         device = next(t.device for t in inputs if t is not None)
         static = [None if t is None else self.buffers.get(f"in{i}", t) for i, t in enumerate(inputs)]
-        stream = self._stream(device)
+        stream, _ = self._stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.device(device), torch.cuda.stream(stream):
                 _fill(static, inputs)
                 outputs, _ = body(static)
                 static_out = [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
@@ -223,18 +239,20 @@ class GraphSet:
             torch.cuda.current_stream(device).wait_stream(stream)
         return static, static_out
 
-    def capture(self, static: list[Any], static_out: list[Any], body: Callable) -> tuple[Any, Any]:
+    def capture(self, inputs: list[Any], static: list[Any], static_out: list[Any], body: Callable) -> tuple[Any, Any]:
         """(a graph of `body` on the static inputs that writes the static outputs, what the body returned
-        besides its outputs)."""
+        besides its outputs). The inputs are copied in again first, so that no cache keyed on a tensor's
+        version hands the warm-up's result to the capture."""
         import torch
 
         device = next(t.device for t in static if t is not None)
-        stream, graph = self._stream(device), torch.cuda.CUDAGraph()
+        (stream, pool), graph = self._stream(device), torch.cuda.CUDAGraph()
         # Not torch.cuda.graph(): it also empties the pinned host cache at every capture, which the offloaded
         # checkpoints then pin again in the next step (about 0.5 s on an 8B model).
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            _fill(static, inputs)
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 outputs, extra = body(static)
                 _fill(static_out, outputs)
@@ -266,10 +284,11 @@ class GraphedCall:
     the capture's body returned.
     """
 
-    def __init__(self, graphs: GraphSet):
+    def __init__(self, graphs: GraphSet, checks_random: bool = False):
         self.graphs, self.seen, self.captured = graphs, None, None
         self.off: str | None = None  # why this call runs eagerly for good
-        self.rng_free = False  # an eager run drew no random numbers
+        self.checks_random = checks_random  # every eager run checks whether it drew random numbers (a forward)
+        self.clean = False  # the last call drew none: a replay, or an eager run seen to draw none
 
     def run(self, key: Callable[[], Any], inputs: list[Any], body: Callable[[list[Any]], tuple]) -> tuple:
         off = self.off or self.graphs.off
@@ -290,10 +309,10 @@ class GraphedCall:
         try:
             static, static_out = self.graphs.warm_up(inputs, body)
         except Exception as error:  # noqa: BLE001 - an operation the capture could not hold: eager, which is exact
-            self.off = f"waits for the host: {_first_line(error)}"
+            self.off = f"warm-up failed (an operation that waits for the host?): {_first_line(error)}"
             return self._eager(self.off, inputs, body)
         try:
-            graph, extra = self.graphs.capture(static, static_out, body)
+            graph, extra = self.graphs.capture(inputs, static, static_out, body)
         except Exception as error:  # noqa: BLE001 - no capture; the eager call is exact
             # A failed capture can leave CUDA's allocator and random generator in capture mode, where a second
             # one fails too: the whole model stops capturing.
@@ -307,14 +326,15 @@ class GraphedCall:
         import torch
 
         self.graphs.stats.ran_eagerly(reason)
-        if not check_rng:
+        self.clean = False
+        if not (check_rng or self.checks_random):
             return body(inputs)
         device = next(t.device for t in inputs if t is not None)
         before = self.graphs.random_state(device)
         result = body(inputs)
         after = self.graphs.random_state(device)
-        self.rng_free = all(torch.equal(a, b) for a, b in zip(before, after))
-        if not self.rng_free:
+        self.clean = all(torch.equal(a, b) for a, b in zip(before, after))
+        if not self.clean:
             self.off = "draws random numbers (dropout)"
         return result
 
@@ -322,6 +342,7 @@ class GraphedCall:
         captured = self.captured
         _fill(captured.inputs, inputs)
         captured.graph.replay()
+        self.clean = True
         self.graphs.stats.replayed += 1
         return [None if t is None else t.clone() for t in captured.outputs], captured.extra
 
@@ -344,11 +365,13 @@ class LayerGraphs:
 
     def __init__(self, graphs: GraphSet, layer: Any):
         self.layer, self.set = layer, graphs
-        self.forward_call, self.backward_call = GraphedCall(graphs), GraphedCall(graphs)
+        self.forward_call, self.backward_call = GraphedCall(graphs, checks_random=True), GraphedCall(graphs)
         self.recorded: dict | None = None  # the projections the last forward recorded: {id: (module, parts)}
 
     def forward(self, record: Record, function: Callable[..., Any], hidden: Any, rest: Sequence[Any]) -> tuple:
-        """`record(function, hidden, rest)` -> (output, inner sums, recorded parts): run, or replayed."""
+        """`record(function, hidden, rest)` -> (output, inner sums, recorded parts): run, or replayed. Then
+        `forward_call.clean` says whether the backward may take `backward`: the forward drew no random numbers,
+        which a replay without the forward's random state would draw otherwise."""
         import torch
 
         call = _call_or_none(function, rest)
@@ -357,7 +380,7 @@ class LayerGraphs:
             if call is None:
                 raise Ungraphable("not a call of plain arguments")
             parts = None if self.recorded is None else parts_key(current_parts(self.recorded))  # None: not known yet
-            return call.key, tensor_key(hidden), layer_key(self.layer, False), parts
+            return call.key, tensor_key(hidden), layer_key(self.layer, False, hidden.device), parts
 
         def body(inputs: list[Any]) -> tuple:
             if call is None:
@@ -366,8 +389,8 @@ class LayerGraphs:
                 again, again_rest = call.rebuilt(inputs[1:])
                 out, sums, parts = record(again, inputs[0], again_rest)
             first, tail = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-            if tail and torch.cuda.is_current_stream_capturing() and any(torch.is_tensor(t) for t in tail):
-                raise Ungraphable("the layer returns more than one tensor")
+            if tail and any(torch.is_tensor(t) for t in tail):  # attention weights: a replay would repeat them
+                self.forward_call.off = self.forward_call.off or "the layer returns more than one tensor"
             return [first, *sums], (tail, parts)
 
         known = self.recorded is not None
@@ -380,11 +403,6 @@ class LayerGraphs:
                 self.forward_call.seen = None
         first, sums = outputs[0], outputs[1:]
         return (first if tail is None else (first, *tail)), sums, parts
-
-    def graphs_backward(self) -> bool:
-        """Whether the backward may be graphed: the forward was seen to draw no random numbers (a replay draws
-        what the forward drew, and the eager backward restores the forward's random state for it)."""
-        return self.forward_call.off is None and self.set.off is None and self.forward_call.rng_free
 
     def backward(self, function: Callable[..., Any], hidden: Any, sums: list[Any], rest: Sequence[Any], grad: Any,
                  params: list[Any], parts: dict, mode: str) -> list[Any]:
@@ -399,7 +417,7 @@ class LayerGraphs:
             if call is None:
                 raise Ungraphable("not a call of plain arguments")
             return mode, call.key, tuple(tensor_key(t) for t in (hidden, grad, *sums)), \
-                layer_key(self.layer, True), parts_key(parts), tuple(id(p) for p in params)
+                layer_key(self.layer, True, hidden.device), parts_key(parts), tuple(id(p) for p in params)
 
         def body(inputs: list[Any]) -> tuple:
             # The gradients are taken with respect to aliases of the parameters, which the layer holds for the

@@ -89,16 +89,34 @@ def test_the_parts_signature_follows_the_adapters_state(tiny):
 def test_the_layer_signature_follows_mode_addresses_and_for_the_backward_requires_grad(tiny):
     _, layer = lora_layer(tiny)
     layer.train()
-    forward_key, backward_key = layer_key(layer, False), layer_key(layer, True)
+    cpu = torch.device("cpu")
+    forward_key, backward_key = layer_key(layer, False, cpu), layer_key(layer, True, cpu)
     norm = layer.input_layernorm.weight
     norm.requires_grad_(not norm.requires_grad)
-    assert layer_key(layer, False) == forward_key and layer_key(layer, True) != backward_key
+    assert layer_key(layer, False, cpu) == forward_key and layer_key(layer, True, cpu) != backward_key
     norm.requires_grad_(not norm.requires_grad)
     layer.eval()
-    assert layer_key(layer, False) != forward_key
+    assert layer_key(layer, False, cpu) != forward_key
     layer.train()
     layer.input_layernorm.weight = torch.nn.Parameter(norm.detach().clone())
-    assert layer_key(layer, False) != forward_key
+    assert layer_key(layer, False, cpu) != forward_key
+
+
+def test_what_a_graph_cannot_replay_is_refused(tiny, monkeypatch):
+    _, layer = lora_layer(tiny)
+    cpu = torch.device("cpu")
+    with pytest.raises(Ungraphable, match="a layer across devices"):
+        layer_key(layer, False, torch.device("meta"))  # the input elsewhere than the layer's weights
+    handle = layer.mlp.register_forward_hook(lambda *args: None)
+    with pytest.raises(Ungraphable, match="module hooks"):  # a replay would skip the hook
+        layer_key(layer, False, cpu)
+    handle.remove()
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    with pytest.raises(Ungraphable, match="under autocast"):
+        layer_key(layer, False, cpu)
+    cu = torch.tensor([0, 5, 13])
+    with pytest.raises(Ungraphable, match="a packed batch"):
+        Call(functools.partial(forward, layer, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8), ())
 
 
 def test_graphs_are_off_by_default_and_count_nothing_off_the_gpu(tiny):
@@ -131,9 +149,10 @@ class ReplayingGraphs(GraphSet):
         outputs, _ = body(static)
         return static, [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
 
-    def capture(self, static, static_out, body):
+    def capture(self, inputs, static, static_out, body):
         if self.fail == "capture":
             raise RuntimeError("operation not permitted when stream is capturing")
+        _fill(static, inputs)
         _, extra = body(static)
 
         class Graph:
@@ -233,7 +252,7 @@ def test_a_lora_layer_run_as_a_peft_module_keeps_its_layer_eager(tiny, replaying
     assert stats.eager == {"first call of its signature": 3, "a LoRA projection runs as a PEFT module": 5}, stats
 
 
-@pytest.mark.parametrize("fail,reason", [("warm_up", "waits for the host"), ("capture", "capture failed")])
+@pytest.mark.parametrize("fail,reason", [("warm_up", "warm-up failed"), ("capture", "capture failed")])
 def test_a_call_that_cannot_be_captured_runs_eagerly_and_exactly(tiny, replaying, fail, reason):
     stats = same_training(tiny, batches(tiny, 4), fail=fail)
     assert stats.captured == stats.replayed == 0
@@ -241,4 +260,15 @@ def test_a_call_that_cannot_be_captured_runs_eagerly_and_exactly(tiny, replaying
     assert len(off) == 1 and "RuntimeError" in off[0], stats
     if fail == "capture":  # the first failure stops the whole model's captures
         assert replaying[-1].off == off[0]
-        assert stats.eager[off[0]] == 2 * 3  # the forwards of steps 1-3; their backwards run as without graphs
+        assert stats.eager[off[0]] == 4 * 3  # steps 1-3, both layers, forward and backward
+
+
+def test_an_adapter_with_dropout_switched_in_replays_with_the_forwards_random_state(tiny, replaying):
+    def dropout(model):  # its projections run as PEFT modules now, drawing random numbers
+        for layer in model.base_model.model.model.layers:
+            layer.mlp.up_proj.lora_dropout["default"] = torch.nn.Dropout(0.3)
+
+    stats = same_training(tiny, batches(tiny, 5), {3: dropout})  # the same masks in the replays as eager
+    # step 3: the PEFT modules keep both layers eager, and draw; from step 4 the layers stay eager for it
+    assert stats.captured == 4 and stats.eager["a LoRA projection runs as a PEFT module"] == 2, stats
+    assert stats.eager["draws random numbers (dropout)"] == 2, stats
