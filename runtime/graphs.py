@@ -239,10 +239,9 @@ class GraphSet:
             torch.cuda.current_stream(device).wait_stream(stream)
         return static, static_out
 
-    def capture(self, inputs: list[Any], static: list[Any], static_out: list[Any], body: Callable) -> tuple[Any, Any]:
+    def capture(self, static: list[Any], static_out: list[Any], body: Callable) -> tuple[Any, Any]:
         """(a graph of `body` on the static inputs that writes the static outputs, what the body returned
-        besides its outputs). The inputs are copied in again first, so that no cache keyed on a tensor's
-        version hands the warm-up's result to the capture."""
+        besides its outputs)."""
         import torch
 
         device = next(t.device for t in static if t is not None)
@@ -251,7 +250,6 @@ class GraphSet:
         # checkpoints then pin again in the next step (about 0.5 s on an 8B model).
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.device(device), torch.cuda.stream(stream):
-            _fill(static, inputs)
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 outputs, extra = body(static)
@@ -291,6 +289,8 @@ class GraphedCall:
         self.clean = False  # the last call drew none: a replay, or an eager run seen to draw none
 
     def run(self, key: Callable[[], Any], inputs: list[Any], body: Callable[[list[Any]], tuple]) -> tuple:
+        import torch
+
         off = self.off or self.graphs.off
         if off is not None:
             return self._eager(off, inputs, body)
@@ -303,16 +303,24 @@ class GraphedCall:
         # A stale graph stays until its successor is captured: torch frees a pool (device and pinned host) once no
         # graph holds it, and a capture into a freed pool's handle fails. It is never replayed again.
         if self.seen != signature:
-            self.seen = signature
             reason = "first call of its signature" if self.captured is None else "signature changed"
-            return self._eager(reason, inputs, body, check_rng=True)
+            result = self._eager(reason, inputs, body, check_rng=True)
+            if self.off is None:  # seen only once a whole run found it draws no random numbers
+                self.seen = signature
+            return result
+        device = next(t.device for t in inputs if t is not None)
+        before = self.graphs.random_state(device)
         try:
             static, static_out = self.graphs.warm_up(inputs, body)
         except Exception as error:  # noqa: BLE001 - an operation the capture could not hold: eager, which is exact
             self.off = f"warm-up failed (an operation that waits for the host?): {_first_line(error)}"
             return self._eager(self.off, inputs, body)
+        if any(not torch.equal(a, b) for a, b in zip(before, self.graphs.random_state(device))):
+            self.off = "draws random numbers (dropout)"  # a change the signature does not read (a dropout's p)
+            return self._eager(self.off, inputs, body)
+        _fill(static, inputs)  # again: no cache keyed on a tensor's version hands the warm-up's result on
         try:
-            graph, extra = self.graphs.capture(inputs, static, static_out, body)
+            graph, extra = self.graphs.capture(static, static_out, body)
         except Exception as error:  # noqa: BLE001 - no capture; the eager call is exact
             # A failed capture can leave CUDA's allocator and random generator in capture mode, where a second
             # one fails too: the whole model stops capturing.

@@ -14,8 +14,10 @@ import torch
 from adapter_doctor.runtime import checkpoint, enable_offloaded_checkpointing, ensure_patched, host_plan
 from adapter_doctor.runtime.graphs import (
     Call,
+    GraphedCall,
     GraphSet,
     GraphStats,
+    LayerGraphs,
     Ungraphable,
     _fill,
     current_parts,
@@ -149,10 +151,9 @@ class ReplayingGraphs(GraphSet):
         outputs, _ = body(static)
         return static, [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
 
-    def capture(self, inputs, static, static_out, body):
+    def capture(self, static, static_out, body):
         if self.fail == "capture":
             raise RuntimeError("operation not permitted when stream is capturing")
-        _fill(static, inputs)
         _, extra = body(static)
 
         class Graph:
@@ -272,3 +273,55 @@ def test_an_adapter_with_dropout_switched_in_replays_with_the_forwards_random_st
     # step 3: the PEFT modules keep both layers eager, and draw; from step 4 the layers stay eager for it
     assert stats.captured == 4 and stats.eager["a LoRA projection runs as a PEFT module"] == 2, stats
     assert stats.eager["draws random numbers (dropout)"] == 2, stats
+
+
+def test_a_call_is_seen_only_once_a_whole_run_checked_it(tiny):
+    calls = GraphedCall(ReplayingGraphs())
+    versions = []
+
+    def body(inputs):
+        versions.append(inputs[0]._version)
+        if len(versions) == 1:
+            raise RuntimeError("out of memory")  # the first run fails: nothing learnt about its random numbers
+        return [inputs[0] * 2], None
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        calls.run(lambda: "key", [x], body)
+    assert calls.seen is None
+    calls.run(lambda: "key", [x], body)  # a first call again, checked
+    assert calls.captured is None and calls.seen == "key"
+    out, _ = calls.run(lambda: "key", [x + 1], body)  # warm-up, capture, replay
+    assert torch.equal(out[0], (x + 1) * 2) and calls.captured is not None
+    warm_up, capture = versions[2], versions[3]
+    assert capture != warm_up  # copied in again: a cache keyed on the version cannot hand the warm-up's on
+
+
+def test_a_change_only_the_warm_up_sees_drawing_random_numbers_is_not_captured():
+    calls = GraphedCall(ReplayingGraphs())
+    drop = {"p": 0.0}
+
+    def body(inputs):
+        return [torch.nn.functional.dropout(inputs[0], drop["p"])], None
+
+    x = torch.ones(8)
+    calls.run(lambda: "key", [x], body)  # seen, drawing nothing
+    drop["p"] = 0.5  # which the key does not read
+    calls.run(lambda: "key", [x], body)
+    assert calls.captured is None and calls.off == "draws random numbers (dropout)"
+
+
+def test_a_layer_returning_more_than_one_tensor_turns_off_its_own_call():
+    graphs = ReplayingGraphs()
+    layer = torch.nn.Linear(4, 4)
+    layers = LayerGraphs(graphs, layer)
+
+    def record(function, hidden, rest):
+        out = function(hidden, *rest)
+        return (out, out.sum()), [], {}  # the output and, say, attention weights
+
+    for _ in range(3):
+        out, _, _ = layers.forward(record, layer, torch.ones(2, 4), ())
+        assert isinstance(out, tuple) and len(out) == 2
+    assert layers.forward_call.off == "the layer returns more than one tensor" and graphs.off is None
+    assert graphs.stats.captured == 0
