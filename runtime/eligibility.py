@@ -107,9 +107,10 @@ def why_not_4bit(base: Any) -> str | None:  # noqa: PLR0911 - one rule per retur
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hooked(module: Any) -> bool:
-    # A direct computation skips what Module.__call__ would run: hooks, and an instance-level forward. Read from
-    # the instance's own dictionary, without a generator: this runs four times per projection and call.
+def hooked(module: Any) -> bool:
+    """Whether calling `module` runs more than its class's forward: hooks, or an instance-level forward (which a
+    direct computation, or a graph's replay, would skip)."""
+    # Read from the instance's own dictionary, without a generator: this runs four times per projection and call.
     own = module.__dict__
     for name in _HOOKS:
         if own.get(name):
@@ -125,7 +126,8 @@ def _global_hook_dicts() -> tuple[dict, ...]:
     return tuple(d for d in (getattr(module, f"_global{name}", None) for name in _HOOKS) if d is not None)
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
+    """Whether hooks are registered on every module (torch's global registries)."""
     return any(_global_hook_dicts())
 
 
@@ -185,7 +187,7 @@ def _examine(module: Any) -> tuple[str | None, tuple[Any, ...]]:  # noqa: C901, 
         return "weights are shards (DTensor, ZeRO-3) that no hook gathered", ()
     if not getattr(module, "cast_input_dtype_enabled", True):
         return "input dtype casting disabled", ()
-    if _hooked(module) or _hooked(base) or _hooked(lora_a) or _hooked(lora_b) or _global_hooks():
+    if hooked(module) or hooked(base) or hooked(lora_a) or hooked(lora_b) or global_hooks():
         return "module hooks", ()
     return None, (name, base, a, b)
 
@@ -258,7 +260,7 @@ def head_parts(lm_head: Any) -> tuple[Any, tuple[Any, Any, float] | None]:
         return parts.weight, (parts.lora_a, parts.lora_b, parts.scaling)
     if _sharded(lm_head.weight):
         raise ValueError("lm_head: its weight is a shard (DTensor, ZeRO-3) that no hook gathered")
-    if type(lm_head).forward is not nn.Linear.forward or lm_head.bias is not None or _hooked(lm_head):
+    if type(lm_head).forward is not nn.Linear.forward or lm_head.bias is not None or hooked(lm_head):
         raise ValueError(f"lm_head: a {type(lm_head).__name__} (with bias or hooks, or not a Linear) must be called "
                          "as a module")
     return lm_head.weight, None

@@ -37,7 +37,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-from .eligibility import _global_hooks, _hooked, is_lora_linear, lora_parts
+from .eligibility import global_hooks, hooked, is_lora_linear, lora_parts
 from .tape import REPLAY, Tape, taping
 
 _PLAIN = (type(None), bool, int, float, str)
@@ -163,7 +163,7 @@ def layer_key(layer: Any, grads: bool, device: Any) -> tuple:
 
     if torch.is_autocast_enabled("cuda"):
         raise Ungraphable("under autocast")
-    if _global_hooks() or any(_hooked(m) for m in layer.modules()):
+    if global_hooks() or any(hooked(m) for m in layer.modules()):
         raise Ungraphable("module hooks")
     tensors = [*layer.parameters(), *layer.buffers()]
     if any(t.device != device for t in tensors):
@@ -289,7 +289,6 @@ class GraphedCall:
         self.clean = False  # the last call drew none: a replay, or an eager run seen to draw none
 
     def run(self, key: Callable[[], Any], inputs: list[Any], body: Callable[[list[Any]], tuple]) -> tuple:
-        import torch
 
         off = self.off or self.graphs.off
         if off is not None:
@@ -315,7 +314,7 @@ class GraphedCall:
         except Exception as error:  # noqa: BLE001 - an operation the capture could not hold: eager, which is exact
             self.off = f"warm-up failed (an operation that waits for the host?): {_first_line(error)}"
             return self._eager(self.off, inputs, body)
-        if any(not torch.equal(a, b) for a, b in zip(before, self.graphs.random_state(device))):
+        if _drew(before, self.graphs.random_state(device)):
             self.off = "draws random numbers (dropout)"  # a change the signature does not read (a dropout's p)
             return self._eager(self.off, inputs, body)
         _fill(static, inputs)  # again: no cache keyed on a tensor's version hands the warm-up's result on
@@ -331,7 +330,6 @@ class GraphedCall:
         return self._replay(inputs)
 
     def _eager(self, reason: str, inputs: list[Any], body: Callable, check_rng: bool = False) -> tuple:
-        import torch
 
         self.graphs.stats.ran_eagerly(reason)
         self.clean = False
@@ -341,7 +339,7 @@ class GraphedCall:
         before = self.graphs.random_state(device)
         result = body(inputs)
         after = self.graphs.random_state(device)
-        self.clean = all(torch.equal(a, b) for a, b in zip(before, after))
+        self.clean = not _drew(before, after)
         if not self.clean:
             self.off = "draws random numbers (dropout)"
         return result
@@ -353,6 +351,12 @@ class GraphedCall:
         self.clean = True
         self.graphs.stats.replayed += 1
         return [None if t is None else t.clone() for t in captured.outputs], captured.extra
+
+
+def _drew(before: tuple, after: tuple) -> bool:
+    import torch
+
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def _first_line(error: Exception) -> str:
@@ -382,11 +386,11 @@ class LayerGraphs:
         which a replay without the forward's random state would draw otherwise."""
         import torch
 
-        call = _call_or_none(function, rest)
+        call, why = _call_or_why(function, rest)
 
         def key() -> tuple:
             if call is None:
-                raise Ungraphable("not a call of plain arguments")
+                raise Ungraphable(why)
             parts = None if self.recorded is None else parts_key(current_parts(self.recorded))  # None: not known yet
             return call.key, tensor_key(hidden), layer_key(self.layer, False, hidden.device), parts
 
@@ -418,12 +422,12 @@ class LayerGraphs:
         RECOMPUTE), its projections taking `parts`: run, or replayed."""
         import torch
 
-        call = _call_or_none(function, rest)
+        call, why = _call_or_why(function, rest)
         count = len(sums)
 
         def key() -> tuple:
             if call is None:
-                raise Ungraphable("not a call of plain arguments")
+                raise Ungraphable(why)
             return mode, call.key, tuple(tensor_key(t) for t in (hidden, grad, *sums)), \
                 layer_key(self.layer, True, hidden.device), parts_key(parts), tuple(id(p) for p in params)
 
@@ -446,11 +450,11 @@ class LayerGraphs:
         return self.backward_call.run(key, inputs, body)[0]
 
 
-def _call_or_none(function: Callable[..., Any], rest: Sequence[Any]) -> Call | None:
+def _call_or_why(function: Callable[..., Any], rest: Sequence[Any]) -> tuple[Call | None, str]:
     try:
-        return Call(function, rest)
-    except Ungraphable:
-        return None
+        return Call(function, rest), ""
+    except Ungraphable as why:
+        return None, str(why)
 
 
 def _aliased(parts: Any, aliases: dict[int, Any]) -> Any:
