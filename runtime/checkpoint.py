@@ -366,11 +366,11 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     torchrun. See the module's docstring for what happens to the layers that do not fit.
     `cuda_graphs=True` replays each checkpointed layer's forward and backward on CUDA as graphs where they allow
     it (`graphs.py`: no dropout, no autocast, no hooks, no packed batch, a batch shape that repeats), which takes
-    the host's launching out of the step,
-    for the same results as the eager calls. It pays where the host is slower than the GPU (small batches, a
-    slow or busy host), and costs GPU memory that the allocator reserves but does not count as allocated (the
-    graphs' pool): measured on an H200 at 8B QLoRA, +5% tok/s at batch 2 for 1.9 GiB more reserved, nothing at
-    batch 4 (README). `host_plan(model).graphs` counts what they did.
+    the host's launching out of the step, for the same results as the eager calls. It pays where the host is
+    slower than the GPU (small batches, a slow or busy host), and costs GPU memory that the allocator reserves
+    but does not count as allocated (the graphs' pool): measured on an H200 at 8B QLoRA, 3 to 7% more tok/s at
+    batch 2 for about 1.9 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
+    they did.
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is
     made to (the same step `enable_input_require_grads` does for any checkpointed PEFT model).
@@ -403,8 +403,9 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
         if not _checkpointed_layer(module):
             continue
         if index % every_n_layers == 0:
-            module._gradient_checkpointing_func = functools.partial(
-                offloaded_checkpoint, host_budget=budget, graphs=None if graphs is None else LayerGraphs(graphs, module))
+            layer_graphs = None if graphs is None else LayerGraphs(graphs, module)
+            module._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, host_budget=budget,
+                                                                    graphs=layer_graphs)
             layers += 1
         else:
             module.gradient_checkpointing = False
