@@ -188,9 +188,13 @@ class Buffers:
                 if all(like.stride()) else torch.empty(like.shape, dtype=like.dtype, device=like.device)
         return self.held[key]
 
+    def matching(self, role: str, tensors: Sequence[Any]) -> list[Any]:
+        """A buffer like each of `tensors` (None for None), the i-th under the role `role` + i."""
+        return [None if t is None else self.get(f"{role}{i}", t) for i, t in enumerate(tensors)]
+
 
 class GraphSet:
-    """The graphs of one model: their stream, memory pool, shared buffers and stats."""
+    """The graphs of one model: a capture stream and memory pool per device, shared buffers, stats."""
 
     def __init__(self) -> None:
         self.stats = GraphStats()
@@ -222,8 +226,8 @@ class GraphSet:
         capture would fail on it. Returns the static inputs, filled, and the static outputs."""
         import torch
 
-        device = next(t.device for t in inputs if t is not None)
-        static = [None if t is None else self.buffers.get(f"in{i}", t) for i, t in enumerate(inputs)]
+        device = _device(inputs)
+        static = self.buffers.matching("in", inputs)
         stream, _ = self._stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         mode = torch.cuda.get_sync_debug_mode()
@@ -232,7 +236,7 @@ class GraphSet:
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 _fill(static, inputs)
                 outputs, _ = body(static)
-                static_out = [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
+                static_out = self.buffers.matching("out", outputs)
                 del outputs
         finally:
             torch.cuda.set_sync_debug_mode(mode)
@@ -244,7 +248,7 @@ class GraphSet:
         besides its outputs)."""
         import torch
 
-        device = next(t.device for t in static if t is not None)
+        device = _device(static)
         (stream, pool), graph = self._stream(device), torch.cuda.CUDAGraph()
         # Not torch.cuda.graph(): it also empties the pinned host cache at every capture, which the offloaded
         # checkpoints then pin again in the next step (about 0.5 s on an 8B model).
@@ -307,7 +311,7 @@ class GraphedCall:
             if self.off is None:  # seen only once a whole run found it draws no random numbers
                 self.seen = signature
             return result
-        device = next(t.device for t in inputs if t is not None)
+        device = _device(inputs)
         before = self.graphs.random_state(device)
         try:
             static, static_out = self.graphs.warm_up(inputs, body)
@@ -335,7 +339,7 @@ class GraphedCall:
         self.clean = False
         if not (check_rng or self.checks_random):
             return body(inputs)
-        device = next(t.device for t in inputs if t is not None)
+        device = _device(inputs)
         before = self.graphs.random_state(device)
         result = body(inputs)
         after = self.graphs.random_state(device)
@@ -351,6 +355,10 @@ class GraphedCall:
         self.clean = True
         self.graphs.stats.replayed += 1
         return [None if t is None else t.clone() for t in captured.outputs], captured.extra
+
+
+def _device(tensors: Sequence[Any]) -> Any:
+    return next(t.device for t in tensors if t is not None)
 
 
 def _drew(before: tuple, after: tuple) -> bool:

@@ -146,10 +146,10 @@ class ReplayingGraphs(GraphSet):
     def warm_up(self, inputs, body):
         if self.fail == "warm_up":
             raise RuntimeError("CUDA call made while synchronisation is an error")
-        static = [None if t is None else self.buffers.get(f"in{i}", t) for i, t in enumerate(inputs)]
+        static = self.buffers.matching("in", inputs)
         _fill(static, inputs)
         outputs, _ = body(static)
-        return static, [None if t is None else self.buffers.get(f"out{i}", t) for i, t in enumerate(outputs)]
+        return static, self.buffers.matching("out", outputs)
 
     def capture(self, static, static_out, body):
         if self.fail == "capture":
