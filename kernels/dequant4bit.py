@@ -13,10 +13,13 @@ The LoRA Function dequantizes each base weight into one transient buffer per cal
 bf16 path on it, and lets it go: the backward dequantizes again for dX = dY·W, so no dequantized weight is kept
 between forward and backward, or across layers. That costs one dequantization pass per GEMM use (memory-bound,
 a few percent of a layer's GEMM time at training batch sizes), against a GEMM with dequantization fused into its
-operand load, which cuBLAS cannot do. The base GEMMs run in the layer's compute dtype (x cast to it, the
-output cast back), as the base's own matmul does; the low-rank term runs in x's dtype, so that an fp32 residual
-stream (prepare_model_for_kbit_training's) keeps PEFT's fp32 adapter arithmetic. The adapters' casts to it are
-made once and saved for the backward (`lora_linear.low_rank`). Adapter gradients accumulate in fp32.
+operand load, which cuBLAS cannot do. Since the weight is written fresh each time anyway, a group of outputs
+much wider than its input (the MLP's gate and up) gets the low-rank term folded into the base GEMM: the weight's
+rows leave room for s·B, the input gets x·Aᵀ beside it (`low_rank_in_gemm`). The base GEMMs run in the layer's
+compute dtype (x cast to it, the output cast back), as the base's own matmul does; the low-rank term runs in x's
+dtype, so that an fp32 residual stream (prepare_model_for_kbit_training's) keeps PEFT's fp32 adapter arithmetic.
+The adapters' casts to it are made once and saved for the backward (`lora_linear.low_rank`). Adapter gradients
+accumulate in fp32.
 
 The kernels know nothing of PEFT or bitsandbytes: they take `Packed4bit` and `Lora4bitParts` of plain tensors
 and ints; `runtime/eligibility.py` reads them out of the layers.
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
 tl: Any = None  # triton.language, bound at the first launch
 
-BLOCK_BYTES = 1024  # packed bytes per program: 2,048 outputs
+BLOCK_OUTPUTS = 2048  # outputs per program, with 4 warps
 
 
 class Packed4bit(NamedTuple):
@@ -94,15 +97,17 @@ def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype) -> torch.Tensor
 @jit
 def _dequant4bit_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
                         n, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    # One program: BLOCK packed bytes -> 2·BLOCK consecutive outputs. BLOCKSIZE is even, so both nibbles of a
-    # byte share their block's scale. The block sizes are compile-time constants: a division of 64-bit indices
-    # by a runtime value costs more than the rest of the kernel; by a power of two it is a shift.
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    byte = start + tl.arange(0, BLOCK)
-    live = byte * 2 < n
-    packed = tl.load(data_ptr + byte, mask=live, other=0).to(tl.int32)
-    block = (byte * 2) // BLOCKSIZE
+                        BLOCK: tl.constexpr, ROW: tl.constexpr, ROW_STRIDE: tl.constexpr):
+    # One program: BLOCK consecutive outputs, each reading its own byte (two neighbours read the same one, from
+    # cache) and nibble, so the stores are contiguous with no interleaving of two halves. The block sizes
+    # are compile-time constants: a division of 64-bit indices by a runtime value costs more than the rest of
+    # the kernel; by a power of two it is a shift. So are the row length and the output's row stride, which
+    # differ only where the rows leave room for more columns.
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = index < n
+    packed = tl.load(data_ptr + index // 2, mask=live, other=0).to(tl.int32)
+    nibble = tl.where(index % 2 == 0, packed >> 4, packed & 15)  # element 2i is byte i's high nibble
+    block = index // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
         scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=live,
@@ -110,45 +115,66 @@ def _dequant4bit_kernel(data_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, neste
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
-    high = tl.load(code_ptr + (packed >> 4)) * scale
-    low = tl.load(code_ptr + (packed & 15)) * scale
-    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))  # element 2i from the high nibble, 2i + 1 the low
-    index = start * 2 + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+    values = tl.load(code_ptr + nibble) * scale
+    dest = index if ROW == ROW_STRIDE else (index // ROW) * ROW_STRIDE + index % ROW
+    tl.store(out_ptr + dest, values.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The [out, in] weight in `dtype` through the Triton kernel; written into `out` (contiguous, at least
-    out·in elements, of `dtype`) when given, which is then returned viewed as [out, in]."""
+def _destination(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None, row_stride: int | None) -> torch.Tensor:
+    # `out` viewed as the rows the weight is written into: [out, row_stride], of which it fills the first `in`.
+    import torch
+
+    rows, row = w.shape
+    stride = row if row_stride is None else row_stride
+    if stride < row:
+        raise ValueError(f"row stride {stride} is shorter than the weight's rows ({row})")
+    if out is None:
+        out = torch.empty(rows * stride, dtype=dtype, device=w.data.device)
+    elif out.dtype != dtype or out.numel() < rows * stride or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of the requested dtype with room for the weight")
+    return out.reshape(-1)[:rows * stride].view(rows, stride)
+
+
+def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None,
+                           row_stride: int | None = None) -> torch.Tensor:
+    """The [out, in] weight in `dtype` through the Triton kernel; written into `out` (contiguous, with room for
+    out·row_stride elements, of `dtype`) when given. With `row_stride` the rows are that far apart and the
+    result is the [out, row_stride] rows, of which the weight fills the first `in` columns and the kernel
+    leaves the rest as they were."""
     import torch
 
     if w.blocksize % 2:
         raise ValueError(f"blocksize {w.blocksize} is odd: a packed byte would straddle two blocks")
     n = math.prod(w.shape)
-    if out is None:
-        out = torch.empty(n, dtype=dtype, device=w.data.device)
-    elif out.dtype != dtype or out.numel() < n or not out.is_contiguous():
-        raise ValueError("out must be a contiguous tensor of the requested dtype with room for the weight")
+    rows = _destination(w, dtype, out, row_stride)
     data = w.data  # the kernel reads bytes from its first address: views only where they are not bytes yet
     if data.dtype != torch.uint8 or not data.is_contiguous():
         data = data.reshape(-1).view(torch.uint8)
-    nested = w.nested
+    nested, wide = w.nested, rows.shape[1] != w.shape[1]  # contiguous rows: one compilation for any shape
     dummy = w.absmax  # any tensor on the device for the pointers a non-nested launch does not read
-    grid = (-(-data.numel() // BLOCK_BYTES),)  # ceil: the last program's bytes are masked
+    grid = (-(-n // BLOCK_OUTPUTS),)  # ceil: the last program's outputs are masked
     # No fused multiply-add: the nested absmax is rounded after the product and after the offset, as
     # bitsandbytes rounds it (the interpreter ignores the option).
     _dequant4bit_kernel[grid](data, w.absmax, w.code, w.nested_absmax if nested else dummy,
-                              w.nested_code if nested else dummy, w.offset if nested else dummy, out, n,
+                              w.nested_code if nested else dummy, w.offset if nested else dummy, rows, n,
                               BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize if nested else 1,
-                              NESTED=nested, BLOCK=BLOCK_BYTES, num_warps=4, enable_fp_fusion=False)
-    return (out if out.numel() == n else out.reshape(-1)[:n]).view(w.shape)
+                              NESTED=nested, BLOCK=BLOCK_OUTPUTS, ROW=w.shape[1] if wide else 1,
+                              ROW_STRIDE=rows.shape[1] if wide else 1, num_warps=4, enable_fp_fusion=False)
+    return rows if row_stride is not None else rows.view(w.shape)
 
 
-def dequantize_4bit(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The [out, in] weight in `dtype`, by the Triton kernel on CUDA tensors and the reference elsewhere."""
+def dequantize_4bit(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None,
+                    row_stride: int | None = None) -> torch.Tensor:
+    """The [out, in] weight in `dtype`, by the Triton kernel on CUDA tensors and the reference elsewhere
+    (`dequantize_4bit_triton` says what `out` and `row_stride` do)."""
     if on_triton(w.data):
-        return dequantize_4bit_triton(w, dtype, out)
-    return dequantize_4bit_reference(w, dtype)
+        return dequantize_4bit_triton(w, dtype, out, row_stride)
+    weight = dequantize_4bit_reference(w, dtype)
+    if out is None and row_stride is None:
+        return weight
+    rows = _destination(w, dtype, out, row_stride)
+    rows[:, :w.shape[1]].copy_(weight)
+    return rows if row_stride is not None else rows.view(w.shape)
 
 
 def lora4bit_linear_reference(x: torch.Tensor, parts: Lora4bitParts) -> torch.Tensor:
@@ -175,20 +201,42 @@ def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any) -> to
     return torch.empty(max(math.prod(p.weight.shape) for p in parts_list), dtype=dtype, device=device)
 
 
+def low_rank_in_gemm(parts_list: Sequence[Lora4bitParts], compute: Any, dtype: Any) -> bool:
+    """Whether the forward folds the low-rank term into the base GEMM, [x | x·Aᵀ]·[W | s·B]ᵀ, instead of adding
+    it to each output by addmm. That spares addmm's read and write of every output for one copy of x and a
+    slightly longer reduction, so it pays where the outputs are much wider than x (an MLP's gate and up: the
+    fold saves about a tenth of their GEMM time on an H200), and needs the term in the base's dtype."""
+    return compute == dtype and sum(p.weight.shape[0] for p in parts_list) >= 2 * parts_list[0].weight.shape[1]
+
+
 def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compute: Any,
                      low: LowRank) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(outputs in x's dtype, x·Aᵀ of every projection side by side): one GEMM with the A's stacked, then per
-    projection its weight dequantized into the scratch buffer, the base GEMM in the compute dtype (bias in its
-    epilogue) and the scaled low-rank product added by addmm in x's dtype."""
+    projection its weight dequantized into the scratch buffer and the base GEMM in the compute dtype (bias in
+    its epilogue), the scaled low-rank product either added by addmm in x's dtype or folded into the GEMM
+    (`low_rank_in_gemm`)."""
     import torch
 
     dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
     xa = rows @ low.stacked_a.T
-    rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
-    scratch = _scratch(parts_list, compute, x.device)
+    folded = low_rank_in_gemm(parts_list, compute, dtype)
+    if folded:  # [x | x·Aᵀ]; each weight's rows get s·B in its own rank columns and zeros in the others'
+        width = rows.shape[1] + xa.shape[1]
+        rows_c = torch.cat((rows, xa), dim=1)
+        scratch = torch.empty(max(p.weight.shape[0] for p in parts_list) * width, dtype=compute, device=x.device)
+    else:
+        rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
+        scratch = _scratch(parts_list, compute, x.device)
     outputs = []
     for p, b, cols in zip(parts_list, low.bs, rank_columns(parts_list)):
-        weight = dequantize_4bit(p.weight, compute, scratch)
+        if folded:
+            weight = dequantize_4bit(p.weight, compute, scratch, row_stride=width)
+            tail = weight[:, rows.shape[1]:]
+            if len(parts_list) > 1:
+                tail.zero_()
+            torch.mul(b, p.scaling, out=tail[:, cols])
+        else:
+            weight = dequantize_4bit(p.weight, compute, scratch)
         y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=compute, device=x.device)
         flat = y.view(-1, y.shape[-1])
         if p.bias is None:
@@ -198,7 +246,8 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compu
         if compute != dtype:  # the base's output comes back in the input's dtype, as Linear4bit returns it
             y = y.to(dtype)
             flat = y.view(-1, y.shape[-1])
-        flat.addmm_(xa[:, cols], b.T, alpha=p.scaling)
+        if not folded:
+            flat.addmm_(xa[:, cols], b.T, alpha=p.scaling)
         outputs.append(y)
     return outputs, xa
 

@@ -22,6 +22,7 @@ from adapter_doctor.kernels.dequant4bit import (
     dequantize_4bit_triton,
     lora4bit_multi_linear_fused,
     lora4bit_multi_linear_reference,
+    low_rank_in_gemm,
 )
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -106,6 +107,24 @@ def test_triton_dequant_writes_into_a_larger_buffer_and_nothing_past_the_weight(
     assert torch.all(buffer[63:] == 7.0)  # the padding nibble of the 63-element weight is never stored
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_dequant_into_wider_rows_fills_the_weights_columns_and_leaves_the_rest(device, nested):
+    # Rows 9 + 4 elements apart: the weight's 63 elements land in the first 9 columns of each row, bit for bit,
+    # and the 4 columns after each row (where the low-rank term goes) keep what they held.
+    w = packed((7, 9), blocksize=6, nested=nested, nested_blocksize=3, seed=2)
+    w = Packed4bit(*[t.to(device) if torch.is_tensor(t) else t for t in w])
+    buffer = torch.full((7 * 13 + 5,), 7.0, dtype=torch.bfloat16, device=device)
+    got = dequantize_4bit_triton(w, torch.bfloat16, buffer, row_stride=13)
+    assert got.shape == (7, 13) and got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(got[:, :9].cpu(), dequantize_4bit_reference(w, torch.bfloat16).cpu())
+    assert torch.all(got[:, 9:] == 7.0) and torch.all(buffer[7 * 13:] == 7.0)
+
+
+def test_a_row_stride_shorter_than_the_rows_is_refused():
+    with pytest.raises(ValueError, match="row stride 8 is shorter"):
+        dequantize_4bit_triton(packed((4, 9), blocksize=6), torch.float32, row_stride=8)
+
+
 def test_a_16_bit_weight_of_odd_size_in_an_exact_buffer(device):
     # 63 elements, in a buffer of exactly that size: the last byte's padding nibble is never stored
     w = packed((7, 9), blocksize=32)
@@ -130,12 +149,17 @@ def test_an_odd_blocksize_is_refused():
 
 IN = 37
 PROJECTIONS = [(29, 5, True), (13, 3, False), (13, 4, True)]  # (out, rank, bias) of odd sizes
+# Outputs together at least twice as wide as the input, as an MLP's gate and up are: the low-rank term is
+# folded into the base GEMM there (low_rank_in_gemm), added by addmm in PROJECTIONS.
+WIDE = [(61, 5, True), (53, 3, False), (29, 4, True)]
+LAYOUTS = pytest.mark.parametrize("projections", [PROJECTIONS, WIDE], ids=["addmm", "folded"])
 
 
-def make_parts(dtype=torch.float32, adapter_dtype=None, kinds=("nf4", "fp4", "nf4"), compute=None):
+def make_parts(dtype=torch.float32, adapter_dtype=None, kinds=("nf4", "fp4", "nf4"), compute=None,
+               projections=PROJECTIONS):
     g = torch.Generator().manual_seed(5)
     parts = []
-    for i, ((out, rank, bias), kind) in enumerate(zip(PROJECTIONS, kinds)):
+    for i, ((out, rank, bias), kind) in enumerate(zip(projections, kinds)):
         w = packed((out, IN), kind, blocksize=32, nested=i == 1, nested_blocksize=4, seed=i)
         b = torch.randn(out, generator=g).to(dtype) if bias else None
         a = (0.3 * torch.randn(rank, IN, generator=g)).to(adapter_dtype or dtype).requires_grad_()
@@ -157,16 +181,27 @@ def run(fn, x, parts, used=None):
     return [y.detach() for y in ys], x.grad, [None if t is None else t.clone() for t in grads]
 
 
-def test_fp32_function_matches_the_reference():
-    parts, x = make_parts(), torch.randn(3, 7, IN)
+def test_the_low_rank_term_is_folded_into_the_gemm_only_for_wide_outputs_in_the_base_dtype():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert low_rank_in_gemm(make_parts(projections=WIDE), fp32, fp32)
+    assert not low_rank_in_gemm(make_parts(), fp32, fp32)
+    # an fp32 residual stream before a bf16 base keeps the low-rank term in fp32, so it stays out of the GEMM
+    assert not low_rank_in_gemm(make_parts(projections=WIDE), bf16, fp32)
+
+
+@LAYOUTS
+def test_fp32_function_matches_the_reference(projections):
+    parts, x = make_parts(projections=projections), torch.randn(3, 7, IN)
     ours, ref = run(lora4bit_multi_linear_fused, x, parts), run(lora4bit_multi_linear_reference, x, parts)
     for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_function_within_rounding(rel, adapter_dtype):
-    parts, x = make_parts(torch.bfloat16, adapter_dtype), torch.randn(3, 7, IN).bfloat16()
+def test_bf16_function_within_rounding(rel, adapter_dtype, projections):
+    parts = make_parts(torch.bfloat16, adapter_dtype, projections=projections)
+    x = torch.randn(3, 7, IN).bfloat16()
     ours, ref = run(lora4bit_multi_linear_fused, x, parts), run(lora4bit_multi_linear_reference, x, parts)
     assert [y.dtype for y in ours[0]] == [torch.bfloat16] * 3 and ours[1].dtype == torch.bfloat16
     assert [t.dtype for t in ours[2]] == [adapter_dtype] * 6
@@ -185,16 +220,20 @@ def test_an_fp32_input_runs_the_base_in_the_compute_dtype_and_the_adapter_in_fp3
     assert max(errors) < 1e-4, errors
 
 
-def test_an_unused_projection_gets_no_gradient_and_the_others_match():
-    parts, x = make_parts(), torch.randn(3, 7, IN)
+@LAYOUTS
+def test_an_unused_projection_gets_no_gradient_and_the_others_match(projections):
+    parts, x = make_parts(projections=projections), torch.randn(3, 7, IN)
     ours, ref = run(lora4bit_multi_linear_fused, x, parts, [0, 2]), run(lora4bit_multi_linear_reference, x, parts,
                                                                         [0, 2])
     assert ours[2][2] is None and ours[2][3] is None
     torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-5)
+    for i in (0, 2):
+        torch.testing.assert_close(ours[0][i], ref[0][i], rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_only_placeholders_give_the_full_backward():
-    parts, x = make_parts(), torch.randn(3, 7, IN)
+@LAYOUTS
+def test_gradient_only_placeholders_give_the_full_backward(projections):
+    parts, x = make_parts(projections=projections), torch.randn(3, 7, IN)
     full = run(lora4bit_multi_linear_fused, x, parts)
     placeholders = run(lambda x, p: lora4bit_multi_linear_fused(x, p, values=False), x, parts)
     assert all(y.stride()[-1] == 0 for y in placeholders[0])
@@ -202,8 +241,9 @@ def test_gradient_only_placeholders_give_the_full_backward():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_no_dequantized_weight_is_saved_for_backward(saved_activation_bytes):
-    parts, x = make_parts(), torch.randn(3, 7, IN, requires_grad=True)
+@LAYOUTS
+def test_no_dequantized_weight_is_saved_for_backward(saved_activation_bytes, projections):
+    parts, x = make_parts(projections=projections), torch.randn(3, 7, IN, requires_grad=True)
     params = [t for p in parts for t in (p.bias, p.lora_a, p.lora_b) if t is not None]
     saved = saved_activation_bytes(lambda: lora4bit_multi_linear_fused(x, parts), x, *params)
     ranks = sum(p.lora_a.shape[0] for p in parts)
