@@ -124,23 +124,23 @@ def _destination(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None, ro
     # `out` viewed as the rows the weight is written into: [out, row_stride], of which it fills the first `in`.
     import torch
 
-    rows, row = w.shape
-    stride = row if row_stride is None else row_stride
-    if stride < row:
-        raise ValueError(f"row stride {stride} is shorter than the weight's rows ({row})")
+    n_rows, n_cols = w.shape
+    stride = n_cols if row_stride is None else row_stride
+    if stride < n_cols:
+        raise ValueError(f"row stride {stride} is shorter than the weight's rows ({n_cols})")
     if out is None:
-        out = torch.empty(rows * stride, dtype=dtype, device=w.data.device)
-    elif out.dtype != dtype or out.numel() < rows * stride or not out.is_contiguous():
+        out = torch.empty(n_rows * stride, dtype=dtype, device=w.data.device)
+    elif out.dtype != dtype or out.numel() < n_rows * stride or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor of the requested dtype with room for the weight")
-    return out.reshape(-1)[:rows * stride].view(rows, stride)
+    return out.reshape(-1)[:n_rows * stride].view(n_rows, stride)
 
 
 def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None,
                            row_stride: int | None = None) -> torch.Tensor:
     """The [out, in] weight in `dtype` through the Triton kernel; written into `out` (contiguous, with room for
     out·row_stride elements, of `dtype`) when given. With `row_stride` the rows are that far apart and the
-    result is the [out, row_stride] rows, of which the weight fills the first `in` columns and the kernel
-    leaves the rest as they were."""
+    result is the [out, row_stride] rows, of which the weight fills the first `in` columns: the kernel writes
+    nothing to the others (uninitialised memory where `out` is not given)."""
     import torch
 
     if w.blocksize % 2:
@@ -150,7 +150,8 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor 
     data = w.data  # the kernel reads bytes from its first address: views only where they are not bytes yet
     if data.dtype != torch.uint8 or not data.is_contiguous():
         data = data.reshape(-1).view(torch.uint8)
-    nested, wide = w.nested, rows.shape[1] != w.shape[1]  # contiguous rows: one compilation for any shape
+    # ROW = ROW_STRIDE = 1 wherever the rows are contiguous, so that those launches share one compiled kernel
+    nested, wide = w.nested, rows.shape[1] != w.shape[1]
     dummy = w.absmax  # any tensor on the device for the pointers a non-nested launch does not read
     grid = (-(-n // BLOCK_OUTPUTS),)  # ceil: the last program's outputs are masked
     # No fused multiply-add: the nested absmax is rounded after the product and after the offset, as
@@ -201,11 +202,16 @@ def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any) -> to
     return torch.empty(max(math.prod(p.weight.shape) for p in parts_list), dtype=dtype, device=device)
 
 
+FOLD_ALIGN = 8  # elements: cuBLAS's fast bf16/fp16 kernels want leading dimensions of a multiple of 16 bytes
+
+
 def low_rank_in_gemm(parts_list: Sequence[Lora4bitParts], compute: Any, dtype: Any) -> bool:
     """Whether the forward folds the low-rank term into the base GEMM, [x | x·Aᵀ]·[W | s·B]ᵀ, instead of adding
     it to each output by addmm. That spares addmm's read and write of every output for one copy of x and a
-    slightly longer reduction, so it pays where the outputs are much wider than x (an MLP's gate and up: the
-    fold saves about a tenth of their GEMM time on an H200), and needs the term in the base's dtype."""
+    slightly longer reduction, so by that count it pays where the outputs together are at least twice as wide
+    as x. Measured for an MLP's gate and up (7× on Llama-3.1-8B: the fold saves about a tenth of their GEMM
+    time on an H200); a multi-head q/k/v group (3×) folds by the same count, unmeasured. The term must run in
+    the base's dtype, so an fp32 input before a bf16 base (PEFT's fp32 adapter arithmetic) never folds."""
     return compute == dtype and sum(p.weight.shape[0] for p in parts_list) >= 2 * parts_list[0].weight.shape[1]
 
 
@@ -220,9 +226,10 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compu
     dtype, rows = x.dtype, x.reshape(-1, x.shape[-1])
     xa = rows @ low.stacked_a.T
     folded = low_rank_in_gemm(parts_list, compute, dtype)
-    if folded:  # [x | x·Aᵀ]; each weight's rows get s·B in its own rank columns and zeros in the others'
-        width = rows.shape[1] + xa.shape[1]
-        rows_c = torch.cat((rows, xa), dim=1)
+    if folded:  # [x | x·Aᵀ | 0]; each weight's rows get s·B in its own rank columns and zeros in the rest
+        pad = -(rows.shape[1] + xa.shape[1]) % FOLD_ALIGN
+        width = rows.shape[1] + xa.shape[1] + pad
+        rows_c = torch.cat((rows, xa, xa.new_zeros(xa.shape[0], pad)) if pad else (rows, xa), dim=1)
         scratch = torch.empty(max(p.weight.shape[0] for p in parts_list) * width, dtype=compute, device=x.device)
     else:
         rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
@@ -232,7 +239,7 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compu
         if folded:
             weight = dequantize_4bit(p.weight, compute, scratch, row_stride=width)
             tail = weight[:, rows.shape[1]:]
-            if len(parts_list) > 1:
+            if tail.shape[1] != b.shape[1]:  # other projections' rank columns, or padding
                 tail.zero_()
             torch.mul(b, p.scaling, out=tail[:, cols])
         else:

@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .autocast import autocast_state, restored
 from .eligibility import still_held
 from .graphs import GraphSet, GraphStats, LayerGraphs
 from .parameters import trainable_parameters
@@ -222,6 +223,10 @@ class _Saved:
         if not self.cuda:  # nothing moved: the same tensors for every backward (retain_graph), the share back
             self._release()
             return self.fetched
+        if self.host is None and self.fetched is None:
+            raise RuntimeError(
+                "a second backward through a layer under enable_offloaded_checkpointing: its saved tensors were "
+                "freed by the first (retain_graph=True is not supported there; run the forward again instead)")
         self.prefetch()
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
@@ -252,13 +257,16 @@ def _function() -> type:
             ctx.run = run
             rest, ctx.params, ctx.layer = rest[:shape["args"]], rest[shape["args"]:], shape["layer"]  # see below
             ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None)
+            ctx.autocast = autocast_state(hidden.device.type)
             graphs = shape["graphs"]
             ctx.graphs = graphs = graphs if graphs is not None and graphs.set.supports(hidden) else None
             if graphs is None:
                 out, sums, parts = _record(run, hidden, rest)
             else:
                 out, sums, parts = graphs.forward(_record, run, hidden, rest)
-            ctx.graph_clean = graphs is not None and graphs.forward_call.clean
+            # The graphed backward runs where autograd calls it, outside the forward's autocast: it may stand in
+            # only for a forward that ran without.
+            ctx.graph_clean = graphs is not None and graphs.forward_call.clean and not ctx.autocast.enabled
             ctx.saved = _Saved([hidden, *sums], hidden.device, shape["budget"])
             ctx.parts = parts  # the projections' paths, for the replay to take the same
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
@@ -282,7 +290,7 @@ def _function() -> type:
             devices = [hidden.device] if cuda_rng is not None else []
             replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
             replay.parts = _held(ctx.parts)
-            with torch.random.fork_rng(devices=devices), taping(replay):
+            with torch.random.fork_rng(devices=devices), taping(replay), restored(ctx.autocast):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state(cuda_rng, hidden.device)
@@ -368,8 +376,8 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     it (`graphs.py`: no dropout, no autocast, no hooks, no packed batch, a batch shape that repeats), which takes
     the host's launching out of the step, for the same results as the eager calls. It pays where the host is
     slower than the GPU (small batches, a slow or busy host), and costs GPU memory that the allocator reserves
-    but does not count as allocated (the graphs' pool): measured on an H200 at 8B QLoRA, 3 to 7% more tok/s at
-    batch 2 for about 1.9 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
+    but does not count as allocated (the graphs' pool): measured on H200s at 8B QLoRA, 3 to 14% more tok/s at
+    batch 2 for 2 to 3 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
     they did.
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from .autocast import autocast_state, restored
 from .parameters import fsdp_unit, trainable_parameters
 from .tape import REPLAY, Tape, active, taping
 
@@ -72,6 +73,7 @@ def _function() -> type:
         @staticmethod
         def forward(ctx: Any, run: Callable[[Any], Any], values: bool, parts: dict, x: Any, *params: Any) -> Any:
             ctx.run, ctx.parts = run, parts  # the projections' paths the layer's forward recorded (tape.py)
+            ctx.autocast = autocast_state(x.device.type)
             ctx.save_for_backward(x, *params)
             if values:
                 return _in_chunks(run, x)
@@ -86,7 +88,8 @@ def _function() -> type:
             for start in range(0, rows.shape[0], CHUNK_TOKENS):
                 part = rows[start:start + CHUNK_TOKENS].detach().requires_grad_(True)
                 # The chunk's output value is never read: the output projection may be a placeholder.
-                with torch.enable_grad(), taping(Tape(REPLAY, defer_outputs=True, parts=ctx.parts)):
+                with torch.enable_grad(), taping(Tape(REPLAY, defer_outputs=True, parts=ctx.parts)), \
+                        restored(ctx.autocast):
                     out = ctx.run(part)
                 got = torch.autograd.grad(out, [part, *params], grads[start:start + part.shape[0]],
                                           allow_unused=True)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from adapter_doctor.kernels import TORCH, TRITON
+from adapter_doctor.kernels import TORCH, TRITON, dequant4bit
 from adapter_doctor.kernels.dequant4bit import (
     Lora4bitParts,
     Packed4bit,
@@ -152,7 +152,8 @@ PROJECTIONS = [(29, 5, True), (13, 3, False), (13, 4, True)]  # (out, rank, bias
 # Outputs together at least twice as wide as the input, as an MLP's gate and up are: the low-rank term is
 # folded into the base GEMM there (low_rank_in_gemm), added by addmm in PROJECTIONS.
 WIDE = [(61, 5, True), (53, 3, False), (29, 4, True)]
-LAYOUTS = pytest.mark.parametrize("projections", [PROJECTIONS, WIDE], ids=["addmm", "folded"])
+WIDE_ONE = [(80, 7, False)]  # one projection, its rank columns padded to a multiple of 8 with the input's
+LAYOUTS = pytest.mark.parametrize("projections", [PROJECTIONS, WIDE, WIDE_ONE], ids=["addmm", "folded", "one"])
 
 
 def make_parts(dtype=torch.float32, adapter_dtype=None, kinds=("nf4", "fp4", "nf4"), compute=None,
@@ -184,6 +185,7 @@ def run(fn, x, parts, used=None):
 def test_the_low_rank_term_is_folded_into_the_gemm_only_for_wide_outputs_in_the_base_dtype():
     bf16, fp32 = torch.bfloat16, torch.float32
     assert low_rank_in_gemm(make_parts(projections=WIDE), fp32, fp32)
+    assert low_rank_in_gemm(make_parts(projections=WIDE_ONE), bf16, bf16)
     assert not low_rank_in_gemm(make_parts(), fp32, fp32)
     # an fp32 residual stream before a bf16 base keeps the low-rank term in fp32, so it stays out of the GEMM
     assert not low_rank_in_gemm(make_parts(projections=WIDE), bf16, fp32)
@@ -203,24 +205,65 @@ def test_bf16_function_within_rounding(rel, adapter_dtype, projections):
     parts = make_parts(torch.bfloat16, adapter_dtype, projections=projections)
     x = torch.randn(3, 7, IN).bfloat16()
     ours, ref = run(lora4bit_multi_linear_fused, x, parts), run(lora4bit_multi_linear_reference, x, parts)
-    assert [y.dtype for y in ours[0]] == [torch.bfloat16] * 3 and ours[1].dtype == torch.bfloat16
-    assert [t.dtype for t in ours[2]] == [adapter_dtype] * 6
+    assert [y.dtype for y in ours[0]] == [torch.bfloat16] * len(parts) and ours[1].dtype == torch.bfloat16
+    assert [t.dtype for t in ours[2]] == [adapter_dtype] * 2 * len(parts)
     errors = [rel(a, b) for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2])]
     assert max(errors) < 1e-2, errors
 
 
-def test_an_fp32_input_runs_the_base_in_the_compute_dtype_and_the_adapter_in_fp32(rel):
+@LAYOUTS
+def test_an_fp32_input_runs_the_base_in_the_compute_dtype_and_the_adapter_in_fp32(rel, projections):
     # prepare_model_for_kbit_training leaves fp32 hidden states before a bf16-compute 4-bit base: the base GEMM
     # runs in bf16 as Linear4bit runs it, the low-rank term in fp32 as PEFT runs it, so only the order of sums
-    # differs from the reference
-    parts, x = make_parts(torch.bfloat16, torch.float32, compute=torch.bfloat16), torch.randn(3, 7, IN)
+    # differs from the reference (and a wide group does not fold)
+    parts = make_parts(torch.bfloat16, torch.float32, compute=torch.bfloat16, projections=projections)
+    x = torch.randn(3, 7, IN)
     ours, ref = run(lora4bit_multi_linear_fused, x, parts), run(lora4bit_multi_linear_reference, x, parts)
-    assert [y.dtype for y in ours[0]] == [torch.float32] * 3 and ours[1].dtype == torch.float32
+    assert [y.dtype for y in ours[0]] == [torch.float32] * len(parts) and ours[1].dtype == torch.float32
     errors = [rel(a, b) for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2])]
     assert max(errors) < 1e-4, errors
 
 
 @LAYOUTS
+def test_the_function_through_the_kernel_folds_wide_groups_and_matches_the_reference(device, poisoned, monkeypatch,
+                                                                                   projections):
+    # The Function as it runs on the GPU: the Triton dequantization (under the interpreter on CPU), every
+    # fresh buffer NaN-filled, so that a column of the folded weight or input left unwritten would show. The
+    # fold is taken exactly where low_rank_in_gemm says, with its width padded to a multiple of 8.
+    if device == "cpu":
+        monkeypatch.setattr(dequant4bit, "on_triton", lambda *tensors: True)
+    strides = []
+    kernel = dequant4bit.dequantize_4bit_triton
+    monkeypatch.setattr(dequant4bit, "dequantize_4bit_triton",
+                        lambda w, dtype, out=None, row_stride=None: strides.append(row_stride) or
+                        kernel(w, dtype, out, row_stride))
+    parts = [Lora4bitParts(Packed4bit(*[t.to(device) if torch.is_tensor(t) else t for t in p.weight]),
+                           None if p.bias is None else p.bias.to(device),
+                           p.lora_a.detach().to(device).requires_grad_(), p.lora_b.detach().to(device).requires_grad_(),
+                           p.scaling) for p in make_parts(projections=projections)]
+    x = torch.randn(3, 7, IN).to(device)
+    g = torch.Generator().manual_seed(9)
+    weights = [torch.randn((3, 7, out), generator=g).to(device) for out, _, _ in projections]
+
+    def outputs_and_grads(fn):
+        xs = x.clone().requires_grad_()
+        ys = fn(xs, parts)
+        for p in parts:
+            p.lora_a.grad = p.lora_b.grad = None
+        sum((y * w).sum() for y, w in zip(ys, weights)).backward()
+        return [y.detach() for y in ys] + [xs.grad] + [t.grad for p in parts for t in (p.lora_a, p.lora_b)]
+
+    ours = outputs_and_grads(lora4bit_multi_linear_fused)
+    ranks = sum(rank for _, rank, _ in projections)
+    folded = low_rank_in_gemm(parts, torch.float32, torch.float32)
+    forward = strides[:len(parts)]  # then the backward's, contiguous
+    assert forward == ([-(-(IN + ranks) // 8) * 8] * len(parts) if folded else [None] * len(parts))
+    assert strides[len(parts):] == [None] * len(parts)
+    for a, b in zip(ours, outputs_and_grads(lora4bit_multi_linear_reference)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("projections", [PROJECTIONS, WIDE], ids=["addmm", "folded"])
 def test_an_unused_projection_gets_no_gradient_and_the_others_match(projections):
     parts, x = make_parts(projections=projections), torch.randn(3, 7, IN)
     ours, ref = run(lora4bit_multi_linear_fused, x, parts, [0, 2]), run(lora4bit_multi_linear_reference, x, parts,
@@ -247,9 +290,9 @@ def test_no_dequantized_weight_is_saved_for_backward(saved_activation_bytes, pro
     params = [t for p in parts for t in (p.bias, p.lora_a, p.lora_b) if t is not None]
     saved = saved_activation_bytes(lambda: lora4bit_multi_linear_fused(x, parts), x, *params)
     ranks = sum(p.lora_a.shape[0] for p in parts)
-    # x·Aᵀ, and the A's stacked (parameter-sized, so that the backward does not stack them again); x is the
-    # input, the weights stay packed, and the fp32 B's are saved as themselves.
-    assert saved == 3 * 7 * ranks * 4 + ranks * IN * 4
+    # x·Aᵀ, and the A's stacked (parameter-sized, so that the backward does not stack them again; a lone A is
+    # saved as itself); x is the input, the weights stay packed, and the fp32 B's are saved as themselves.
+    assert saved == 3 * 7 * ranks * 4 + (ranks * IN * 4 if len(parts) > 1 else 0)
 
 
 def test_kernel_sets_serve_the_4bit_path():

@@ -43,6 +43,28 @@ def test_offloaded_checkpointing_matches_plain_training():
 
 
 
+@pytest.mark.parametrize("patch", [False, True])
+def test_under_autocast_the_replay_computes_in_the_forwards_dtypes(patch):
+    # Trainer runs the forward alone under autocast; the backward's replay must compute as the forward did, or
+    # the gradients are another function's (about 1% off here, without the forward's autocast restored).
+    def autocast_grads(model):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=BATCH, labels=BATCH).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, expected = autocast_grads(lora_llama())
+    model = lora_llama()
+    if patch:
+        ensure_patched(model)
+    enable_offloaded_checkpointing(model)
+    got_loss, got = autocast_grads(model)
+    assert torch.equal(got_loss, loss)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
 def test_every_other_layer_checkpointed_gives_the_same_gradients():
     loss, expected = grads(lora_llama())
     model = lora_llama()
@@ -54,6 +76,17 @@ def test_every_other_layer_checkpointed_gives_the_same_gradients():
     assert torch.allclose(got_loss, loss)
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_second_backward_through_offloaded_tensors_says_why_it_cannot():
+    # On CUDA the first backward takes a layer's tensors back from the host and frees the host copies, so a
+    # retained graph's second backward finds none: a clear error, not a TypeError from deep inside.
+    from adapter_doctor.runtime.checkpoint import _Saved
+
+    saved = object.__new__(_Saved)
+    saved.cuda, saved.host, saved.fetched, saved.budget = True, None, None, None
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        saved.take()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

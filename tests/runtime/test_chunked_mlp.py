@@ -50,6 +50,29 @@ def test_every_architecture_gives_the_same_loss_and_gradients_in_chunks(tiny, ar
         assert tiny.rel(grads[name], grad) < 1e-4, name
 
 
+def test_under_autocast_the_chunks_recompute_in_the_forwards_dtypes(tiny, monkeypatch):
+    # An fp32 model with the forward under bf16 autocast, as Trainer runs it: the chunks' backward runs after
+    # the layer's replay, outside any autocast block, and restores the forward's, so every gated activation,
+    # in the first forward, the replay and the chunks' recomputation, sees the bf16 gate the forward saw.
+    monkeypatch.setattr(chunking, "CHUNK_TOKENS", 4)
+    ids, dtypes = tiny.batch(), []
+
+    def swiglu(gate, up):
+        dtypes.append(gate.dtype)
+        return TORCH.swiglu(gate, up)
+
+    model = tiny.lora(tiny.base("llama"))
+    ensure_patched(model, kernels=dataclasses.replace(TORCH, swiglu=swiglu))
+    enable_offloaded_checkpointing(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    forward = len(dtypes)
+    loss.backward()
+    assert forward and len(dtypes) > forward  # the backward recomputed chunks
+    assert set(dtypes) == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_layers_replayed_in_full_chunk_their_mlp_too(tiny, model_type, monkeypatch):
     # Room on the host for the two layers' inputs only (2 x 13 x 64 fp32, pinned as 8 KiB each): both replay
