@@ -16,8 +16,9 @@ class AutocastState(NamedTuple):
     cache: bool
 
     @property
-    def enabled(self) -> bool:
-        return any(enabled for _, enabled, _ in self.settings)
+    def on_device(self) -> bool:
+        """Autocast on for the device type the state was read for (CPU autocast does not touch a GPU's ops)."""
+        return bool(self.settings) and self.settings[0][1]
 
 
 def autocast_state(device_type: str) -> AutocastState:

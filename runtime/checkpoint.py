@@ -264,9 +264,7 @@ def _function() -> type:
                 out, sums, parts = _record(run, hidden, rest)
             else:
                 out, sums, parts = graphs.forward(_record, run, hidden, rest)
-            # The graphed backward runs where autograd calls it, outside the forward's autocast: it may stand in
-            # only for a forward that ran without.
-            ctx.graph_clean = graphs is not None and graphs.forward_call.clean and not ctx.autocast.enabled
+            ctx.graph_clean = graphs is not None and graphs.forward_call.clean
             ctx.saved = _Saved([hidden, *sums], hidden.device, shape["budget"])
             ctx.parts = parts  # the projections' paths, for the replay to take the same
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
@@ -282,7 +280,10 @@ def _function() -> type:
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             params = list(ctx.params) if _same(ctx.params, trainable_parameters(ctx.layer)) else []
             graphs = ctx.graphs
-            if ctx.graph_clean and params:  # the forward drew no random numbers: no random state to restore
+            # A graph restores neither random state nor autocast: it stands in for a forward that drew no random
+            # numbers and ran without autocast, in a backward without autocast too (as the forward ran).
+            if ctx.graph_clean and params and not ctx.autocast.on_device \
+                    and not autocast_state(hidden.device.type).on_device:
                 mode = REPLAY if ctx.saved.complete else RECOMPUTE
                 grads = graphs.backward(ctx.run, hidden, sums, rest, grad, params, _held(ctx.parts), mode)
                 return (None, None, grads[0], *[None] * len(rest), *grads[1:])

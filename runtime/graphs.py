@@ -21,8 +21,9 @@ a layer across devices, one whose LoRA layers run as PEFT modules (their result 
 signature here reads). A layer whose forward draws random numbers (dropout) or returns more than one tensor, or
 whose warm-up or capture fails, runs eagerly for good; after a failed capture the whole model does, since it
 can leave CUDA's allocator in capture mode. A backward is replayed only after a forward that drew no random
-numbers: the eager backward restores the forward's random state for its replay, a graph cannot. `GraphStats`
-counts each eager call's reason.
+numbers and ran without autocast, and only outside autocast itself: the eager backward restores the forward's
+random state and autocast settings for its replay, a graph cannot (checkpoint.py decides). `GraphStats` counts
+each eager call's reason.
 
 The graphs of one model share one memory pool per device, and their inputs and outputs sit in buffers shared
 by the layers of one signature: like the eager run, they hold one layer's working set, not one per layer. The
@@ -390,8 +391,8 @@ class LayerGraphs:
 
     def forward(self, record: Record, function: Callable[..., Any], hidden: Any, rest: Sequence[Any]) -> tuple:
         """`record(function, hidden, rest)` -> (output, inner sums, recorded parts): run, or replayed. Then
-        `forward_call.clean` says whether the backward may take `backward`: the forward drew no random numbers,
-        which a replay without the forward's random state would draw otherwise."""
+        `forward_call.clean` says whether the forward drew no random numbers, which a replay without the
+        forward's random state would draw otherwise: one condition for the backward to take `backward`."""
         import torch
 
         call, why = _call_or_why(function, rest)

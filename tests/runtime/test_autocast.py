@@ -22,3 +22,6 @@ def test_a_forward_without_autocast_recomputes_without_it_even_inside_an_autocas
 def test_the_device_and_the_cpu_are_both_recorded_and_types_without_autocast_are_left_out():
     assert [t for t, _, _ in autocast_state("cuda").settings] == ["cuda", "cpu"]
     assert [t for t, _, _ in autocast_state("meta").settings] == ["cpu"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_state("cpu").on_device
+        assert not autocast_state("cuda").on_device  # CPU autocast leaves a GPU's operations alone

@@ -246,6 +246,27 @@ def test_a_backward_after_a_forward_under_autocast_is_not_graphed(tiny, replayin
     assert stats == GraphStats(captured=2, replayed=2 * 3, eager={"first call of its signature": 2}), stats
 
 
+def test_a_backward_inside_an_autocast_block_after_a_plain_forward_is_not_graphed(tiny, replaying):
+    # The forward ran without autocast, so the replay must too: the eager backward restores that; a graph
+    # captured inside the caller's autocast block would replay the layer in bf16.
+    def grads(model, ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return got
+
+    eager, graphed = checkpointed(tiny, False), checkpointed(tiny, True)
+    for model in (eager, graphed):
+        model.train()
+    for ids in batches(tiny, 3):
+        expected, got = grads(eager, ids), grads(graphed, ids)
+        for name, grad in expected.items():
+            assert torch.allclose(got[name], grad, rtol=1e-6, atol=1e-8), name
+    assert host_plan(graphed).graphs.captured == 2  # the forwards alone
+
+
 def test_a_layer_that_draws_random_numbers_is_never_captured(tiny, replaying):
     stats = same_training(tiny, batches(tiny, 3), attention_dropout=0.5)
     assert stats.captured == stats.replayed == 0
