@@ -226,7 +226,7 @@ def test_an_fp32_input_runs_the_base_in_the_compute_dtype_and_the_adapter_in_fp3
 
 @LAYOUTS
 def test_the_function_through_the_kernel_folds_wide_groups_and_matches_the_reference(device, poisoned, monkeypatch,
-                                                                                   projections):
+                                                                                   rel, projections):
     # The Function as it runs on the GPU: the Triton dequantization (under the interpreter on CPU), every
     # fresh buffer NaN-filled, so that a column of the folded weight or input left unwritten would show. The
     # fold is taken exactly where low_rank_in_gemm says, with its width padded to a multiple of 8.
@@ -241,8 +241,8 @@ def test_the_function_through_the_kernel_folds_wide_groups_and_matches_the_refer
                            None if p.bias is None else p.bias.to(device),
                            p.lora_a.detach().to(device).requires_grad_(), p.lora_b.detach().to(device).requires_grad_(),
                            p.scaling) for p in make_parts(projections=projections)]
-    x = torch.randn(3, 7, IN).to(device)
     g = torch.Generator().manual_seed(9)
+    x = torch.randn((3, 7, IN), generator=g).to(device)
     weights = [torch.randn((3, 7, out), generator=g).to(device) for out, _, _ in projections]
 
     def outputs_and_grads(fn):
@@ -259,8 +259,9 @@ def test_the_function_through_the_kernel_folds_wide_groups_and_matches_the_refer
     forward = strides[:len(parts)]  # then the backward's, contiguous
     assert forward == ([-(-(IN + ranks) // 8) * 8] * len(parts) if folded else [None] * len(parts))
     assert strides[len(parts):] == [None] * len(parts)
-    for a, b in zip(ours, outputs_and_grads(lora4bit_multi_linear_reference)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # fp32 in another order of sums (the low-rank term inside the GEMM's reduction): to 1e-5 in norm
+    errors = [rel(a, b) for a, b in zip(ours, outputs_and_grads(lora4bit_multi_linear_reference))]
+    assert max(errors) < 1e-5, errors
 
 
 @pytest.mark.parametrize("projections", [PROJECTIONS, WIDE], ids=["addmm", "folded"])
