@@ -195,11 +195,13 @@ def lora4bit_multi_linear_reference(x: torch.Tensor, parts_list: Sequence[Lora4b
     return [lora4bit_linear_reference(x, p) for p in parts_list]
 
 
-def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any) -> torch.Tensor:
-    # One buffer the size of the group's largest weight, reused for each weight in turn and freed with the call.
+def _scratch(parts_list: Sequence[Lora4bitParts], dtype: Any, device: Any, width: int | None = None) -> torch.Tensor:
+    # One buffer the size of the group's largest weight (its rows `width` long where given), reused for each
+    # weight in turn and freed with the call.
     import torch
 
-    return torch.empty(max(math.prod(p.weight.shape) for p in parts_list), dtype=dtype, device=device)
+    size = max(p.weight.shape[0] * (width or p.weight.shape[1]) for p in parts_list)
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 FOLD_ALIGN = 8  # elements: cuBLAS's fast bf16/fp16 kernels want leading dimensions of a multiple of 16 bytes
@@ -230,7 +232,7 @@ def lora4bit_forward(x: torch.Tensor, parts_list: Sequence[Lora4bitParts], compu
         pad = -(rows.shape[1] + xa.shape[1]) % FOLD_ALIGN
         width = rows.shape[1] + xa.shape[1] + pad
         rows_c = torch.cat((rows, xa, xa.new_zeros(xa.shape[0], pad)) if pad else (rows, xa), dim=1)
-        scratch = torch.empty(max(p.weight.shape[0] for p in parts_list) * width, dtype=compute, device=x.device)
+        scratch = _scratch(parts_list, compute, x.device, width)
     else:
         rows_c = rows if compute == dtype else rows.to(compute)  # transient: backward reads x itself
         scratch = _scratch(parts_list, compute, x.device)
