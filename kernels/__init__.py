@@ -18,7 +18,6 @@ from .cross_entropy import causal_lm_labels, cross_entropy_reference
 from .dequant4bit import (
     Lora4bitParts,
     Packed4bit,
-    lora4bit_linear_reference,
     lora4bit_multi_linear_reference,
 )
 from .lora_linear import (
@@ -43,12 +42,12 @@ class KernelSet:
     lora_multi_linear: Callable[..., object] = lora_multi_linear_reference  # (x, [LoraParts, ...]) -> [y, ...]
     # (hidden, weight, shifted labels, *, ignore_index, num_items_in_batch, lora, softcap) -> loss
     linear_cross_entropy: Callable[..., object] = cross_entropy_reference
-    # (x, LoraParts) -> a stand-in whose backward is the projection's, or None: for a recomputation that needs
-    # only the gradients (the fused set skips the GEMMs; the reference computes the projection)
+    # (x, [LoraParts, ...]) -> stand-ins whose backward is the projections', or None: for a recomputation that
+    # needs only the gradients (the fused set skips the GEMMs; the reference computes the projections)
     lora_linear_gradient_only: Callable[..., object] = lora_linear_gradient_only_reference
-    # The same two on 4-bit bases: (x, [Lora4bitParts, ...]) -> [y, ...], and (x, Lora4bitParts) -> stand-in or None
+    # The same two on 4-bit bases: (x, [Lora4bitParts, ...]) -> [y, ...], and -> stand-ins or None
     lora4bit_multi_linear: Callable[..., object] = lora4bit_multi_linear_reference
-    lora4bit_gradient_only: Callable[..., object] = lora4bit_linear_reference  # the reference computes it whole
+    lora4bit_gradient_only: Callable[..., object] = lora4bit_multi_linear_reference  # the reference computes them
 
 
 TORCH = KernelSet("torch", rms_norm_reference, rope_reference, swiglu_reference, geglu_reference,

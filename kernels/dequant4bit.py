@@ -365,9 +365,9 @@ def lora4bit_multi_linear(x: torch.Tensor, parts_list: Sequence[Lora4bitParts]) 
     return lora4bit_multi_linear_reference(x, parts_list)
 
 
-def lora4bit_gradient_only(x: torch.Tensor, parts: Lora4bitParts) -> torch.Tensor | None:
-    """A placeholder for one projection whose value a recomputation does not need (no dequantization, no
-    GEMM until the backward); None where the fused Function cannot stand in."""
-    if not _fused_path(x, [parts]):
+def lora4bit_gradient_only(x: torch.Tensor, parts_list: Sequence[Lora4bitParts]) -> list[torch.Tensor] | None:
+    """Placeholders for projections whose values a recomputation does not need (no dequantization, no GEMM
+    until the backward), in one Function; None where the fused Function cannot stand in."""
+    if not _fused_path(x, parts_list):
         return None
-    return lora4bit_multi_linear_fused(x, [parts], values=False)[0]
+    return lora4bit_multi_linear_fused(x, parts_list, values=False)

@@ -237,18 +237,18 @@ def lora_multi_linear_fused(x: torch.Tensor, parts_list: Sequence[LoraParts], va
     return list(_lora_function().apply(x, tuple(float(p.scaling) for p in parts_list), values, *tensors))
 
 
-def lora_linear_gradient_only_reference(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
-    """The reference stand-in for a projection whose value a recomputation does not need: the projection itself
-    (exact; it just does not save the GEMM)."""
-    return lora_linear_reference(x, *parts)
+def lora_linear_gradient_only_reference(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor]:
+    """The reference stand-ins for projections whose values a recomputation does not need: the projections
+    themselves (exact; they just do not save the GEMMs)."""
+    return lora_multi_linear_reference(x, parts_list)
 
 
-def lora_linear_gradient_only(x: torch.Tensor, parts: LoraParts) -> torch.Tensor | None:
-    """A placeholder for one LoRA projection of `x` whose backward is the projection's own; None where the
-    fused Function cannot stand in (autocast would change the dtypes the backward assumes)."""
+def lora_linear_gradient_only(x: torch.Tensor, parts_list: Sequence[LoraParts]) -> list[torch.Tensor] | None:
+    """Placeholders for LoRA projections of `x` whose backward is the projections' own, in one Function; None
+    where the fused Function cannot stand in (autocast would change the dtypes the backward assumes)."""
     if autocast_on(x.device):
         return None
-    return lora_multi_linear_fused(x, [parts], values=False)[0]
+    return lora_multi_linear_fused(x, parts_list, values=False)
 
 
 def _fused_path(x: torch.Tensor) -> bool:

@@ -12,10 +12,11 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from . import document_attention
+from . import document_attention, saved_attention
 from .context import Context
-from .projection import project_many
+from .projection import gradient_only_many, project_many
 from .replay import output_projection
+from .tape import RECORD, REPLAY, active
 
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
@@ -29,6 +30,13 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    tape = active()
+    recorded = tape.next_attention() if tape is not None and tape.mode == REPLAY else None
+    if recorded is not None:  # the forward kept what the attention's backward needs: no GEMMs, RoPE, attention
+        q, k, v = _project_qkv(self, opts, hidden_states, kernels, values=False)
+        cos, sin = position_embeddings
+        output = saved_attention.replay(q, k, v, cos, sin, self.scaling, kernels.rope, recorded)
+        return output_projection(self.o_proj, output, kernels), None
     query, key, value = (t.view(hidden_shape) for t in _project_qkv(self, opts, hidden_states, kernels))
     value = value.transpose(1, 2)
     if opts.qk_norm:
@@ -43,6 +51,19 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
     extra = {name: _read(self, attr) for name, attr in opts.interface_kwargs}
     dropout = 0.0 if not self.training else self.attention_dropout
     documents = kwargs.get("cu_seq_lens_q")
+    if tape is not None and tape.mode == RECORD:
+        recording = saved_attention.recordable(
+            query, key, value, scale=self.scaling, implementation=implementation, mask=attention_mask, cache=cache, dropout=dropout,
+            packed=documents is not None, causal=getattr(self, "is_causal", True) and kwargs.get("is_causal") is not False,
+            extra=extra,
+            qk_norm=opts.qk_norm, rotary=cos.shape[-1])
+        kept = []
+        if recording:
+            output, kept = saved_attention.record(query, key, value, self.scaling)
+        tape.attention_calls.append(len(kept))
+        if recording:
+            tape.attention.extend(kept)
+            return output_projection(self.o_proj, output.reshape(*input_shape, -1), kernels), None
     if documents is not None and key.shape[-2] == query.shape[-2] and "flash" not in (implementation or "") \
             and getattr(self, "is_causal", True):
         # A packed batch (packing.py found it): each query sees only its own document, whatever mask the
@@ -59,11 +80,13 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
     return output_projection(self.o_proj, output, kernels), weights
 
 
-def _project_qkv(module: Any, opts: Any, x: Any, kernels: Any) -> list[Any]:
+def _project_qkv(module: Any, opts: Any, x: Any, kernels: Any, values: bool = True) -> list[Any]:
+    # values=False: placeholders whose backward is the projections' (a replay that reads only the gradients)
+    run = project_many if values else gradient_only_many
     if not opts.fused_qkv:
-        return project_many((module.q_proj, module.k_proj, module.v_proj), x, kernels)
+        return run((module.q_proj, module.k_proj, module.v_proj), x, kernels)
     # One projection, split as the library splits it: all query heads, then key heads, then value heads.
-    (qkv,) = project_many((getattr(module, opts.fused_qkv),), x, kernels)
+    (qkv,) = run((getattr(module, opts.fused_qkv),), x, kernels)
     config = module.config
     q_size = config.num_attention_heads * module.head_dim
     kv_size = config.num_key_value_heads * module.head_dim

@@ -2,16 +2,18 @@
 
 Plain checkpointing keeps every decoder layer's input on the GPU: at 128K tokens that is 1 GiB a layer on
 an 8B model. Here the forward runs without keeping activations and copies what the backward will need (the
-layer's input and, for our patched layers, its inner residual sum: see `replay.py`) to pinned host memory on a
-side stream, overlapping the next layer's work. The backward of layer i starts copying layer i-1's tensors back
+layer's input and, for our patched layers, its inner residual sum, see `replay.py`, and its attention's q, k, v,
+output and log-sum-exp, see `saved_attention.py`) to pinned host memory on a side stream, overlapping the next
+layer's work. The backward of layer i starts copying layer i-1's tensors back
 on that stream before it recomputes its own layer, so that the transfers overlap the compute. GPU memory then
 holds the weights, one layer's working set and two layers' saved tensors.
 
 Host memory is planned too: every layer's saved tensors sit in pinned memory from its forward to its backward,
 so at 256K tokens an 8B model would pin 4 GiB a layer, 128 GiB in all, more than many hosts have. A
 `HostBudget` (by default 90% of the memory the host has available when checkpointing is enabled) is charged
-for each layer's copies. The inputs of all the step's layers come first: a layer keeps its inner sum too only
-where the inputs of the layers after it still fit beside it. A layer that keeps only its input replays its
+for each layer's copies. The inputs of all the step's layers come first: a layer keeps its inner sum too (and
+then its attention's tensors) only where the inputs of the layers after it still fit beside it. A layer that
+keeps no attention tensors runs its attention again in the replay; one that keeps only its input replays its
 output projections too; a layer whose input does not fit on the host keeps it on the GPU, which costs GPU
 memory as well, so the plan leaves that for last. `host_plan(model)` says what each step did.
 
@@ -33,7 +35,7 @@ from .autocast import autocast_state, restored
 from .eligibility import still_held
 from .graphs import GraphSet, GraphStats, LayerGraphs
 from .parameters import trainable_parameters
-from .tape import RECOMPUTE, RECORD, REPLAY, Tape, taping
+from .tape import RECOMPUTE, RECORD, REPLAY, Layout, Tape, taping
 
 _STREAMS: dict[Any, Any] = {}
 _LAST: dict[Any, Any] = {}  # device -> weak reference to the most recent layer's _Saved
@@ -57,27 +59,28 @@ class HostBudget:
     peak: int = 0
     pending: int = 0  # layers between their forward and their backward, wherever their tensors are
     layers_offloaded: int = 0  # layer forwards whose tensors all went to the host, since enabling
+    layers_without_attention: int = 0  # ... that kept the input and inner sum, not the attention's tensors
     layers_input_only: int = 0  # ... that kept the input alone on the host, and replayed in full
     layers_on_device: int = 0  # ... whose input did not fit either: kept on the GPU
     graphs: GraphStats | None = None  # the layers' CUDA graphs, where enabled (graphs.py)
 
-    def place(self, tensors: list[Any]) -> tuple[int, int | None]:
-        """For one layer's saved tensors (its input first): how many it keeps, and the pinned bytes charged for
-        them, or None where they stay on the GPU. Call `leave` once at the layer's backward."""
+    def place(self, tensors: list[Any], without_attention: int) -> tuple[int, int | None]:
+        """For one layer's saved tensors (its input, its inner sums, then its attention's): how many it keeps
+        (all, the first `without_attention`, or the input), and the pinned bytes charged for them, or None where
+        they stay on the GPU. Call `leave` once at the layer's backward."""
         self.pending += 1
         sizes = [_pinned_bytes(t) for t in tensors]
         later = max(0, self.layers - self.pending)  # the step's layers still to come, each with an input
-        if self._fits(sum(sizes) + later * sizes[0]):
-            keep = len(tensors)
-        elif self._fits(sizes[0]):
-            keep = 1
-        else:
+        keep = next((n for n in (len(tensors), without_attention) if self._fits(sum(sizes[:n]) + later * sizes[0])),
+                    1 if self._fits(sizes[0]) else 0)
+        if not keep:
             self.layers_on_device += 1
             return 1, None
         self.held += sum(sizes[:keep])
         self.peak = max(self.peak, self.held)
         self.layers_offloaded += keep == len(tensors)
-        self.layers_input_only += keep < len(tensors)
+        self.layers_without_attention += keep == without_attention < len(tensors)
+        self.layers_input_only += keep < min(len(tensors), without_attention)
         return keep, sum(sizes[:keep])
 
     def _fits(self, size: int) -> bool:
@@ -180,14 +183,14 @@ def _cgroup_room() -> int | None:
 class _Saved:
     """One layer's saved tensors between its forward and backward: host copies, then device copies."""
 
-    def __init__(self, tensors: list[Any], device: Any, budget: HostBudget | None = None):
+    def __init__(self, tensors: list[Any], device: Any, budget: HostBudget | None = None,
+                 without_attention: int | None = None):
         import torch
 
         self.device, self.cuda, self.charged, self.budget = device, device.type == "cuda", 0, budget
-        self.complete = True  # all of `tensors` kept; False: the input alone
         if budget is not None:
-            keep, charged = budget.place(tensors)
-            tensors, self.complete = tensors[:keep], keep == len(tensors)
+            keep, charged = budget.place(tensors, len(tensors) if without_attention is None else without_attention)
+            tensors = tensors[:keep]
             if charged is None:
                 self.cuda = False  # kept where it is, as on the CPU
             self.charged = charged or 0
@@ -261,12 +264,12 @@ def _function() -> type:
             graphs = shape["graphs"]
             ctx.graphs = graphs = graphs if graphs is not None and graphs.set.supports(hidden) else None
             if graphs is None:
-                out, sums, parts = _record(run, hidden, rest)
+                out, kept, layout = _record(run, hidden, rest)
             else:
-                out, sums, parts = graphs.forward(_record, run, hidden, rest)
+                out, kept, layout = graphs.forward(_record, run, hidden, rest)
             ctx.graph_clean = graphs is not None and graphs.forward_call.clean
-            ctx.saved = _Saved([hidden, *sums], hidden.device, shape["budget"])
-            ctx.parts = parts  # the projections' paths, for the replay to take the same
+            ctx.saved = _Saved([hidden, *kept], hidden.device, shape["budget"], without_attention=1 + layout.sums)
+            ctx.layout = layout  # the projections' paths, for the replay to take the same, and what was kept
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
             shape["tail"] = out[1:] if ctx.tuple_out else ()
             ctx.save_for_backward(*[r if torch.is_tensor(r) else None for r in rest])
@@ -275,8 +278,12 @@ def _function() -> type:
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> Any:
-            hidden, *sums = ctx.saved.take()
+            hidden, *kept = ctx.saved.take()
             hidden = hidden.detach().requires_grad_(True)
+            # What the budget let the layer keep: with its inner sums, a replay without the output projections
+            # (and without the attention where its tensors were kept too); with its input alone, the whole layer.
+            layout = ctx.layout._replace(parts=_held(ctx.layout.parts))
+            mode = REPLAY if len(kept) >= layout.sums else RECOMPUTE
             rest = [t if t is not None else r for t, r in zip(ctx.saved_tensors, ctx.rest)]
             params = list(ctx.params) if _same(ctx.params, trainable_parameters(ctx.layer)) else []
             graphs = ctx.graphs
@@ -284,13 +291,12 @@ def _function() -> type:
             # numbers and ran without autocast, in a backward without autocast too (as the forward ran).
             if ctx.graph_clean and params and not ctx.autocast.on_device \
                     and not autocast_state(hidden.device.type).on_device:
-                mode = REPLAY if ctx.saved.complete else RECOMPUTE
-                grads = graphs.backward(ctx.run, hidden, sums, rest, grad, params, _held(ctx.parts), mode)
+                grads = graphs.backward(ctx.run, hidden, kept, rest, grad, params, layout, mode)
                 return (None, None, grads[0], *[None] * len(rest), *grads[1:])
             cpu_rng, cuda_rng = ctx.rng
             devices = [hidden.device] if cuda_rng is not None else []
-            replay = Tape(REPLAY, sums) if ctx.saved.complete else Tape(RECOMPUTE)  # the whole layer
-            replay.parts = _held(ctx.parts)
+            replay = Tape.replaying(kept, layout) if mode == REPLAY else Tape(RECOMPUTE)
+            replay.parts = layout.parts
             with torch.random.fork_rng(devices=devices), taping(replay), restored(ctx.autocast):
                 torch.set_rng_state(cpu_rng)  # dropout in the recomputation draws what the forward drew
                 if cuda_rng is not None:
@@ -313,13 +319,14 @@ def _function() -> type:
 _FUNCTION: list[type] = []
 
 
-def _record(run: Callable[..., Any], hidden: Any, rest: Any) -> tuple[Any, list[Any], dict]:
-    """The forward without grad: (output, the inner residual sums, the projections' parts), taped."""
+def _record(run: Callable[..., Any], hidden: Any, rest: Any) -> tuple[Any, list[Any], Layout]:
+    """The forward without grad: (output, the tensors kept for the replay, their layout and the projections'
+    parts), taped."""
     import torch
 
     with torch.no_grad(), taping(Tape(RECORD)) as tape:
         out = run(hidden, *rest)
-    return out, tape.sums, tape.parts
+    return out, tape.kept(), tape.layout()
 
 
 def _layer_of(function: Callable[..., Any]) -> Any:
@@ -378,7 +385,7 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     the host's launching out of the step, for the same results as the eager calls. It pays where the host is
     slower than the GPU (small batches, a slow or busy host), and costs GPU memory that the allocator reserves
     but does not count as allocated (the graphs' pool): measured on H200s at 8B QLoRA, 3 to 14% more tok/s at
-    batch 2 for 2 to 3 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
+    batch 2 for 2 to 7 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
     they did.
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is

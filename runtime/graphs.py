@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from .eligibility import global_hooks, hooked, is_lora_linear, lora_parts
-from .tape import REPLAY, Tape, taping
+from .tape import REPLAY, Layout, Tape, taping
 
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -378,7 +378,7 @@ def _fill(static: list[Any], values: Sequence[Any]) -> None:
             s.copy_(v)
 
 
-Record = Callable[[Callable[..., Any], Any, Sequence[Any]], tuple[Any, list[Any], dict]]
+Record = Callable[[Callable[..., Any], Any, Sequence[Any]], tuple[Any, list[Any], Layout]]
 
 
 class LayerGraphs:
@@ -390,7 +390,7 @@ class LayerGraphs:
         self.recorded: dict | None = None  # the projections the last forward recorded: {id: (module, parts)}
 
     def forward(self, record: Record, function: Callable[..., Any], hidden: Any, rest: Sequence[Any]) -> tuple:
-        """`record(function, hidden, rest)` -> (output, inner sums, recorded parts): run, or replayed. Then
+        """`record(function, hidden, rest)` -> (output, kept tensors, their layout): run, or replayed. Then
         `forward_call.clean` says whether the forward drew no random numbers, which a replay without the
         forward's random state would draw otherwise: one condition for the backward to take `backward`."""
         import torch
@@ -405,40 +405,41 @@ class LayerGraphs:
 
         def body(inputs: list[Any]) -> tuple:
             if call is None:
-                out, sums, parts = record(function, hidden, rest)
+                out, kept, layout = record(function, hidden, rest)
             else:
                 again, again_rest = call.rebuilt(inputs[1:])
-                out, sums, parts = record(again, inputs[0], again_rest)
+                out, kept, layout = record(again, inputs[0], again_rest)
             first, tail = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
             if tail and any(torch.is_tensor(t) for t in tail):  # attention weights: a replay would repeat them
                 self.forward_call.off = self.forward_call.off or "the layer returns more than one tensor"
-            return [first, *sums], (tail, parts)
+            return [first, *kept], (tail, layout)
 
         known = self.recorded is not None
-        outputs, (tail, parts) = self.forward_call.run(key, [hidden, *([] if call is None else call.tensors)], body)
-        self.recorded = parts
+        outputs, (tail, layout) = self.forward_call.run(key, [hidden, *([] if call is None else call.tensors)], body)
+        self.recorded = layout.parts
         if not known and self.forward_call.seen is not None:  # the first call learnt which projections the layer
             try:                                                 # records: its signature is complete now
                 self.forward_call.seen = key()
             except Ungraphable:
                 self.forward_call.seen = None
-        first, sums = outputs[0], outputs[1:]
-        return (first if tail is None else (first, *tail)), sums, parts
+        first, kept = outputs[0], outputs[1:]
+        return (first if tail is None else (first, *tail)), kept, layout
 
-    def backward(self, function: Callable[..., Any], hidden: Any, sums: list[Any], rest: Sequence[Any], grad: Any,
-                 params: list[Any], parts: dict, mode: str) -> list[Any]:
-        """[d hidden, *d params] of the layer's replay in `mode` (REPLAY with the recorded `sums`, or
-        RECOMPUTE), its projections taking `parts`: run, or replayed."""
+    def backward(self, function: Callable[..., Any], hidden: Any, kept: list[Any], rest: Sequence[Any], grad: Any,
+                 params: list[Any], layout: Layout, mode: str) -> list[Any]:
+        """[d hidden, *d params] of the layer's replay in `mode` (REPLAY with the `kept` tensors of a recording
+        of `layout`, or RECOMPUTE), its projections taking `layout.parts`: run, or replayed."""
         import torch
 
         call, why = _call_or_why(function, rest)
-        count = len(sums)
+        count, parts = len(kept), layout.parts
 
         def key() -> tuple:
             if call is None:
                 raise Ungraphable(why)
-            return mode, call.key, tuple(tensor_key(t) for t in (hidden, grad, *sums)), \
-                layer_key(self.layer, True, hidden.device), parts_key(parts), tuple(id(p) for p in params)
+            return mode, call.key, tuple(tensor_key(t) for t in (hidden, grad, *kept)), layout.sums, \
+                layout.attention_calls, layer_key(self.layer, True, hidden.device), parts_key(parts), \
+                tuple(id(p) for p in params)
 
         def body(inputs: list[Any]) -> tuple:
             # The gradients are taken with respect to aliases of the parameters, which the layer holds for the
@@ -447,7 +448,7 @@ class LayerGraphs:
             aliases = {id(p): p.detach().requires_grad_(True) for p in params}
             leaf = inputs[0].detach().requires_grad_(True)
             again, again_rest = (function, rest) if call is None else call.rebuilt(inputs[2 + count:])
-            tape = Tape(mode, list(inputs[2:2 + count])) if mode == REPLAY else Tape(mode)
+            tape = Tape.replaying(inputs[2:2 + count], layout) if mode == REPLAY else Tape(mode)
             tape.parts = {k: (m, _aliased(p, aliases)) for k, (m, p) in parts.items()}
             with _holding(self.layer, aliases), taping(tape), torch.enable_grad():
                 out = again(leaf, *again_rest)
@@ -455,7 +456,7 @@ class LayerGraphs:
             wrt = [leaf, *[aliases[id(p)] for p in params]]
             return list(torch.autograd.grad(out, wrt, inputs[1], allow_unused=True)), None
 
-        inputs = [hidden, grad, *sums, *([] if call is None else call.tensors)]
+        inputs = [hidden, grad, *kept, *([] if call is None else call.tensors)]
         return self.backward_call.run(key, inputs, body)[0]
 
 

@@ -29,23 +29,41 @@ def project(module: Any, x: Any, kernels: Any) -> Any:
     return _one(module, _parts(module), x, kernels)
 
 
+def _group(parts: Sequence[Any], kernels: Any) -> tuple[Any, Any] | None:
+    """(multi-projection function, gradient-only function) of the kernel set where every projection of one
+    input takes the same fused path (q/k/v, gate/up); None otherwise."""
+    if all(isinstance(p, LoraParts) for p in parts):
+        return kernels.lora_multi_linear, kernels.lora_linear_gradient_only
+    if all(isinstance(p, Lora4bitParts) for p in parts) and len({p.compute_dtype for p in parts}) == 1:
+        return kernels.lora4bit_multi_linear, kernels.lora4bit_gradient_only
+    return None
+
+
 def project_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any]:
     """[m(x) for m in modules], with one read and one saved copy of `x` when every layer takes the same fused
     path (q/k/v, gate/up)."""
     parts = [_parts(m) for m in modules]
-    if all(isinstance(p, LoraParts) for p in parts):
-        return list(kernels.lora_multi_linear(x, parts))
-    if all(isinstance(p, Lora4bitParts) for p in parts) and len({p.compute_dtype for p in parts}) == 1:
-        return list(kernels.lora4bit_multi_linear(x, parts))
+    group = _group(parts, kernels)
+    if group is not None:
+        return list(group[0](x, parts))
     return [_one(module, p, x, kernels) for module, p in zip(modules, parts)]
+
+
+def gradient_only_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any]:
+    """Placeholders for [m(x) for m in modules] whose backward is the projections', for a replay that reads no
+    value: without their GEMMs where the kernel set provides that, the projections themselves otherwise."""
+    parts = [_parts(m) for m in modules]
+    group = _group(parts, kernels)
+    placeholders = None if group is None else group[1](x, parts)
+    if placeholders is None:
+        return [_one(module, p, x, kernels) for module, p in zip(modules, parts)]
+    return list(placeholders)
 
 
 def gradient_only(module: Any, x: Any, kernels: Any) -> Any:
     """A placeholder for `module(x)` whose backward is the projection's, for a replay that needs no value; None
     where the layer or the kernel set cannot provide one."""
     parts = _parts(module)
-    if parts is None:
-        return None
-    if isinstance(parts, Lora4bitParts):
-        return kernels.lora4bit_gradient_only(x, parts)
-    return kernels.lora_linear_gradient_only(x, parts)
+    group = None if parts is None else _group([parts], kernels)
+    placeholders = None if group is None else group[1](x, [parts])
+    return None if placeholders is None else placeholders[0]

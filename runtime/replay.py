@@ -11,7 +11,8 @@ layer's inner residual sum (attention output + input) during the forward, and du
   GEMMs, whose backward computes dx, dA and dB exactly as the full one does.
 
 That leaves about 35% of a Llama layer's forward GEMM work out of the replay, for one more hidden-size tensor
-per layer held (offloaded to host memory by `checkpoint.py`). Outside a checkpoint, and in a layer replayed in
+per layer held (offloaded to host memory by `checkpoint.py`); `saved_attention.py` leaves out the attention
+block's forward (the q/k/v GEMMs, RoPE, the attention) the same way. Outside a checkpoint, and in a layer replayed in
 full because its sum was not kept (`RECOMPUTE`), both helpers are the plain operations. Layers whose
 projections cannot take the fused path run them as modules: still exact, only slower.
 """

@@ -4,6 +4,7 @@ A checkpointed layer runs its forward twice: once without grad (RECORD), then ag
 or RECOMPUTE for a layer replayed in full). The tape carries what the first run learnt into the second:
 
 - the inner residual sums (`replay.residual_add`), in call order;
+- the tensors each recorded attention call keeps for its backward (`saved_attention.py`), in call order;
 - each projection's parts, as `eligibility.lora_parts` read them (or None: called as a module). A fused
   projection then replays what the forward computed, even where an adapter was switched in between (one called
   as a module runs as the module is then), and the replay skips a second read of every projection's
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 RECORD, REPLAY = "record", "replay"
 RECOMPUTE = "recompute"  # a layer replayed in full (nothing recorded): the sums and projections are plain
@@ -27,6 +28,32 @@ class Tape:
     read: int = 0
     defer_outputs: bool = False  # set by the layer: its projections' outputs feed residual sums directly
     parts: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(module) -> (module, its parts)
+    attention: list[Any] = field(default_factory=list)  # recorded attention tensors, flat, in call order
+    attention_calls: list[int] = field(default_factory=list)  # per attention call: how many it recorded (or 0)
+    attention_read: int = 0
+
+    def kept(self) -> list[Any]:
+        """The tensors a recording keeps for the replay: the inner sums, then the attention's."""
+        return [*self.sums, *self.attention]
+
+    def layout(self) -> Layout:
+        return Layout(self.parts, len(self.sums), tuple(self.attention_calls))
+
+    @classmethod
+    def replaying(cls, kept: Sequence[Any], layout: Layout) -> Tape:
+        """The REPLAY tape of what a recording kept (`kept()`), or of its sums alone, the attention recomputed."""
+        with_attention = len(kept) > layout.sums
+        return cls(REPLAY, list(kept[:layout.sums]), attention=list(kept[layout.sums:]),
+                   attention_calls=list(layout.attention_calls) if with_attention else [])
+
+    def next_attention(self) -> list[Any] | None:
+        """The next attention call's recorded tensors, or None where it runs again (it recorded none, or they
+        were not kept)."""
+        call, self.attention_read = self.attention_read, self.attention_read + 1
+        if call >= len(self.attention_calls) or not self.attention_calls[call]:
+            return None
+        start = sum(self.attention_calls[:call])
+        return self.attention[start:start + self.attention_calls[call]]
 
     def next_sum(self) -> Any:
         if self.read >= len(self.sums):
@@ -43,6 +70,13 @@ class Tape:
         if self.mode == RECORD:
             self.parts[id(module)] = (module, parts)
         return parts
+
+
+class Layout(NamedTuple):
+    """What a recording learnt besides its tensors: the projections' parts, and how its kept tensors divide."""
+    parts: dict[int, tuple[Any, Any]]
+    sums: int  # the first `sums` kept tensors are inner sums, the rest the attention's
+    attention_calls: tuple[int, ...]
 
 
 _LOCAL = threading.local()

@@ -172,24 +172,33 @@ def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
         assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-7), name
 
 
-@pytest.mark.parametrize("blocks,plan", [
-    (6, (3, 0, 0)),  # room for everything
-    (5, (2, 1, 0)),  # layers 0 and 1 keep both; layer 2 its input, for which they left room
-    (4, (1, 2, 0)),
-    (2, (0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
-    (0.5, (0, 0, 3)),
+# What each layer of lora_llama keeps, pinned: its input and inner sum, 2x12x32 fp32 each (3,072 bytes, pinned as
+# 4,096), and its attention's q, k, v, output and log-sum-exp (4,096 + 2,048 + 2,048 + 4,096 + 512 pinned).
+INPUT, ATTENTION = 4096, 12_800
+WHOLE = 2 * INPUT + ATTENTION
+
+
+@pytest.mark.parametrize("room,plan", [
+    (3 * WHOLE, (3, 0, 0, 0)),  # room for everything
+    (2 * WHOLE + INPUT, (2, 0, 1, 0)),  # layers 0 and 1 keep everything; layer 2 its input, for which they left room
+    (WHOLE + 2 * INPUT, (1, 0, 2, 0)),
+    (6 * INPUT, (0, 3, 0, 0)),  # inputs and sums fit, the attention's tensors do not: the replay runs attention
+    (5 * INPUT, (0, 2, 1, 0)),
+    (2 * INPUT, (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
+    (INPUT / 2, (0, 0, 0, 3)),
 ])
-def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(blocks, plan):
+def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(room, plan):
     from adapter_doctor.runtime import host_plan
 
     loss, expected = grads(lora_llama())
     model = lora_llama()
     ensure_patched(model)
-    enable_offloaded_checkpointing(model, host_memory_gib=blocks * 4096 / 2**30)
+    enable_offloaded_checkpointing(model, host_memory_gib=room / 2**30)
     got_loss, got = grads(model)
     budget = host_plan(model)
     assert budget.layers == 3
-    assert (budget.layers_offloaded, budget.layers_input_only, budget.layers_on_device) == plan
+    assert (budget.layers_offloaded, budget.layers_without_attention, budget.layers_input_only,
+            budget.layers_on_device) == plan
     assert budget.held == 0 and budget.pending == 0
     assert torch.allclose(got_loss, loss)
     for name, grad in expected.items():
@@ -224,7 +233,7 @@ def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned
     assert before and after and 0.8 * min(before, after) < plan.limit <= 0.9 * max(before, after)
     model.train()
     loss = model(input_ids=BATCH, labels=BATCH).loss  # a forward whose backward never comes
-    assert plan.layers_offloaded == 3 and plan.held == 3 * 2 * 4096 and plan.pending == 3
+    assert plan.layers_offloaded == 3 and plan.held == 3 * WHOLE and plan.pending == 3
     del loss
     import gc
 

@@ -24,6 +24,7 @@ from adapter_doctor.runtime.graphs import (
     layer_key,
     parts_key,
 )
+from adapter_doctor.runtime.tape import Layout
 
 
 def forward(layer, hidden, scale=1.0, position_embeddings=None, mask=None):
@@ -349,7 +350,7 @@ def test_a_layer_returning_more_than_one_tensor_turns_off_its_own_call():
 
     def record(function, hidden, rest):
         out = function(hidden, *rest)
-        return (out, out.sum()), [], {}  # the output and, say, attention weights
+        return (out, out.sum()), [], Layout({}, 0, ())  # the output and, say, attention weights
 
     for _ in range(3):
         out, _, _ = layers.forward(record, layer, torch.ones(2, 4), ())

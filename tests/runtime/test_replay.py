@@ -81,7 +81,7 @@ def test_a_gradient_only_projection_has_the_projections_gradients():
     w, a, b = torch.randn(6, 8), torch.randn(2, 8, requires_grad=True), torch.randn(6, 2, requires_grad=True)
     dy = torch.randn(5, 6)
     parts = lora_linear.LoraParts(w, None, a, b, 0.5)
-    placeholder = lora_linear.lora_linear_gradient_only(x, parts)
+    (placeholder,) = lora_linear.lora_linear_gradient_only(x, [parts])
     assert placeholder.shape == (5, 6) and placeholder.stride() == (0, 0)
     got = torch.autograd.grad(placeholder, (x, a, b), dy)
     want = torch.autograd.grad(lora_linear.lora_linear_reference(x, *parts), (x, a, b), dy)

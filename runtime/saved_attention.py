@@ -1,0 +1,134 @@
+"""Attention that a checkpointed layer's replay does not compute again.
+
+The replay of a checkpointed layer (`replay.py`) reruns its forward to rebuild what the backward reads. For the
+attention block that is the q/k/v GEMMs (on a 4-bit base, their dequantization too), RoPE and the attention's
+own forward, though the attention's backward needs only q and k after RoPE, v, the output and the softmax's
+log-sum-exp. So where the library would run causal SDPA over whole rows (no mask, no packing, no dropout, no
+cache, no softcap or window), the layer's first forward computes it with torch's flash-attention operator,
+which returns the log-sum-exp as well, and keeps those five tensors (`record`): 2.5 times the layer's input at
+8B shapes, held (on the host, by `checkpoint.py`) where the layer's input and residual sum already are. The
+replay (`replay`) then gives the projections gradient-only placeholders and a Function whose value is the
+recorded output and whose backward is the attention's, computed by the operator's own backward from the
+recorded tensors, with RoPE's transpose applied to dq and dk.
+
+The operator is the one SDPA itself picks for the call (`torch._fused_sdp_choice`): cuDNN's or flash attention's
+on CUDA, the CPU's flash kernel on the CPU; a call SDPA would send elsewhere (memory-efficient, math) runs again
+in the replay. So the values are those the library's call computes, and grouped-query attention runs on the
+unexpanded k and v, as SDPA with `enable_gqa` does. On an H200 at 8B shapes SDPA picks cuDNN, whose backward
+takes 0.47 ms against flash attention's 0.79.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+COUNT = 5  # tensors recorded per attention call: q and k after RoPE, v, the output, the log-sum-exp
+
+
+def recordable(query: Any, key: Any, value: Any, *, scale: float, implementation: str | None, mask: Any,
+               cache: Any, dropout: float, packed: bool, causal: bool, extra: dict, qk_norm: bool,
+               rotary: int) -> bool:
+    """Whether the attention call on these [batch, heads, seq, dim] tensors can be recorded: the library would
+    run causal SDPA over whole rows on a backend whose operator returns the log-sum-exp (flash attention or
+    cuDNN's), and the replay can rebuild dq and dk from the recorded tensors alone (no norm between the
+    projections and RoPE, RoPE over the whole head)."""
+    import torch
+
+    if implementation != "sdpa" or mask is not None or cache is not None or dropout or packed or not causal:
+        return False
+    if any(v is not None for v in extra.values()) or qk_norm or rotary != query.shape[-1]:
+        return False
+    if query.shape[-2] != key.shape[-2] or query.shape[-2] < 2 or query.shape[1] % key.shape[1]:
+        return False
+    if not query.is_floating_point() or torch.is_autocast_enabled(query.device.type):
+        return False
+    return _backend(query, key, value, scale) is not None
+
+
+def _backend(query: Any, key: Any, value: Any, scale: float) -> str | None:
+    """The backend SDPA picks for this causal call, where its operator is one this module runs: "flash"
+    (CUDA, or the CPU's kernel) or "cudnn" (CUDA)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scale,
+                                     enable_gqa=query.shape[1] != key.shape[1])
+    if choice == SDPBackend.FLASH_ATTENTION.value and query.device.type in ("cuda", "cpu"):
+        return "flash"
+    if choice == SDPBackend.CUDNN_ATTENTION.value and query.is_cuda:
+        return "cudnn"
+    return None
+
+
+def _forward(query: Any, key: Any, value: Any, scale: float) -> tuple[Any, Any]:
+    import torch
+
+    aten, backend = torch.ops.aten, _backend(query, key, value, scale)
+    if backend == "cudnn":
+        return aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                         scale=scale)[:2]
+    if query.is_cuda:
+        return aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)[:2]
+    return aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scale)
+
+
+def _backward(grad: Any, query: Any, key: Any, value: Any, out: Any, lse: Any, scale: float) -> tuple[Any, ...]:
+    import torch
+
+    aten = torch.ops.aten
+    if not query.is_cuda:
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, query, key, value, out, lse, 0.0,
+                                                                          True, scale=scale)
+    # Whole rows (no cumulative lengths) and no dropout: the random state is not read. The log-sum-exp says
+    # which operator recorded it: cuDNN's is [batch, heads, seq, 1], flash attention's [batch, heads, seq].
+    seq, unused = query.shape[-2], torch.empty(0, dtype=torch.int64, device=query.device)
+    if lse.dim() == 4:
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            grad, query, key, value, out, lse, unused, unused, None, None, None, seq, seq, 0.0, True, scale=scale)
+    return aten._scaled_dot_product_flash_attention_backward(
+        grad, query, key, value, out, lse, None, None, seq, seq, 0.0, True, unused, unused, scale=scale)
+
+
+def record(query: Any, key: Any, value: Any, scale: float) -> tuple[Any, list[Any]]:
+    """(the attention output as the library returns it, [batch, seq, heads, dim]; the tensors to record)."""
+    out, lse = _forward(query, key, value, scale)
+    # Kept in [batch, seq, heads, dim] order, which is how the projections laid them out: no copies.
+    return out.transpose(1, 2), [query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                 out.transpose(1, 2), lse]
+
+
+@functools.cache
+def _function() -> type:
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class RecordedAttention(torch.autograd.Function):
+        """Attention of the projections' outputs (before RoPE) whose value was recorded: returns it, and its
+        backward is the attention's and RoPE's."""
+
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any,
+                    *recorded: Any) -> Any:
+            ctx.save_for_backward(cos, sin, *recorded)
+            ctx.scale, ctx.rope, ctx.shapes = scale, rope, (q.shape, k.shape, v.shape)
+            out = recorded[3]
+            return out.reshape(*out.shape[:2], -1)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
+            cos, sin, query, key, value, out, lse = ctx.saved_tensors
+            grad = grad.reshape(out.shape).transpose(1, 2)
+            dq, dk, dv = _backward(grad, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   out.transpose(1, 2), lse, ctx.scale)
+            dq, dk = ctx.rope(dq, dk, cos, -sin)  # RoPE's transpose is the rotation by minus the angle
+            grads = [g.transpose(1, 2).reshape(shape) for g, shape in zip((dq, dk, dv), ctx.shapes)]
+            return (*grads, None, None, None, None, *[None] * COUNT)
+
+    return RecordedAttention
+
+
+def replay(q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, recorded: Sequence[Any]) -> Any:
+    """The recorded attention output, [batch, seq, heads · dim], as a function of the projections' outputs
+    `q`, `k`, `v` ([batch, seq, heads · dim], before RoPE; their values are not read) for the backward."""
+    return _function().apply(q, k, v, cos, sin, scale, rope, *recorded)

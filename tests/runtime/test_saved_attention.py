@@ -1,0 +1,238 @@
+"""The attention a checkpointed layer records in its forward, so that its replay runs neither the q/k/v GEMMs
+nor RoPE nor the attention: the same values and gradients as SDPA after RoPE, and the same training."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from adapter_doctor.kernels import TORCH, lora_linear, rope_reference
+from adapter_doctor.runtime import ensure_patched, host_plan, saved_attention
+from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
+from adapter_doctor.runtime.tape import Layout, Tape
+
+# The references everywhere but the fused gradient-only projections, which run on any device.
+SKIPPING = dataclasses.replace(TORCH, name="torch+gradient-only",
+                               lora_linear_gradient_only=lora_linear.lora_linear_gradient_only)
+B, S, D = 2, 9, 16
+
+
+def rotary(seq=S, dim=D):
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.outer(torch.arange(seq).float(), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)[None]
+    return emb.cos(), emb.sin()
+
+
+def heads(t, n):
+    return t.view(B, S, n, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (6, 1)])
+def test_the_replay_has_the_value_and_gradients_of_sdpa_after_rope_without_reading_q_k_v(dtype, tol, n_heads, n_kv):
+    torch.manual_seed(0)
+    cos, sin = (t.to(dtype) for t in rotary())
+    q, k, v = (torch.randn(B, S, n * D, dtype=dtype, requires_grad=True) for n in (n_heads, n_kv, n_kv))
+    scale, grad = 0.3, torch.randn(B, S, n_heads * D, dtype=dtype)
+
+    query, key = rope_reference(heads(q, n_heads), heads(k, n_kv), cos, sin)
+    want = F.scaled_dot_product_attention(query, key, heads(v, n_kv), is_causal=True, scale=scale, enable_gqa=True)
+    want = want.transpose(1, 2).reshape(B, S, -1)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+
+    with torch.no_grad():  # laid out as the projections lay them out: [batch, seq, heads, dim] underneath
+        query, key = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                      for t in rope_reference(heads(q, n_heads), heads(k, n_kv), cos, sin))
+        out, kept = saved_attention.record(query, key, heads(v, n_kv), scale)
+    assert len(kept) == saved_attention.COUNT and all(t.is_contiguous() for t in kept[:4])  # kept without copies
+    assert torch.allclose(out.reshape(B, S, -1), want, atol=tol, rtol=tol)
+    # Placeholders of the projections' outputs: the replay must not read them
+    placeholders = [torch.full_like(t, float("nan")).requires_grad_() for t in (q, k, v)]
+    got = saved_attention.replay(*placeholders, cos, sin, scale, rope_reference, kept)
+    assert torch.equal(got, out.reshape(B, S, -1))
+    got_grads = torch.autograd.grad(got, placeholders, grad)
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert float((g - w).float().norm() / w.float().norm()) < tol
+
+
+def test_what_is_recorded_and_what_runs_again():
+    q, k = torch.zeros(B, 4, S, D), torch.zeros(B, 2, S, D)
+    plain = dict(scale=0.3, implementation="sdpa", mask=None, cache=None, dropout=0.0, packed=False, causal=True, extra={},
+                 qk_norm=False, rotary=D)
+    assert saved_attention.recordable(q, k, k, **plain)
+    for change in [dict(implementation="eager"), dict(implementation="flash_attention_2"),
+                   dict(mask=torch.zeros(1)), dict(cache=object()), dict(dropout=0.1), dict(packed=True),
+                   dict(causal=False), dict(extra={"sliding_window": 8}), dict(extra={"softcap": 50.0}),
+                   dict(qk_norm=True), dict(rotary=D // 2)]:
+        assert not saved_attention.recordable(q, k, k, **{**plain, **change}), change
+    assert saved_attention.recordable(q, k, k, **{**plain, "extra": {"sliding_window": None}})
+    assert not saved_attention.recordable(q, torch.zeros(B, 3, S, D), k, **plain)  # 4 heads do not group by 3
+    assert not saved_attention.recordable(q[:, :, :1], k[:, :, :1], k, **plain)  # one token: not causal SDPA
+    assert not saved_attention.recordable(q.int(), k.int(), k, **plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not saved_attention.recordable(q, k, k, **plain)
+
+
+def test_a_replay_tape_hands_each_attention_call_its_own_tensors():
+    kept = [torch.tensor(i) for i in range(11)]  # one sum, then two calls' five tensors
+    tape = Tape.replaying(kept, Layout({}, 1, (5, 0, 5)))
+    assert tape.sums == kept[:1]
+    first, second, third = tape.next_attention(), tape.next_attention(), tape.next_attention()
+    assert first == kept[1:6] and second is None and third == kept[6:11]
+    assert tape.next_attention() is None
+    without = Tape.replaying(kept[:1], Layout({}, 1, (5, 0, 5)))  # the attention's tensors were not kept
+    assert without.next_attention() is None
+
+
+def grads(model, ids):
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+MODELS = {  # arch, overrides, how many of its two layers record their attention
+    "llama": ("llama", {}, 2),
+    "mistral": ("mistral", {}, 0),  # a window of 8 over 13 tokens
+    "qwen3": ("qwen3", {}, 0),  # q/k norms between the projections and RoPE
+    "phi3-whole-rotary": ("phi3", {"partial_rotary_factor": 1.0, "sliding_window": None}, 2),  # fused qkv_proj
+    "phi3": ("phi3", {}, 0),  # half the head rotates
+    "gemma3": ("gemma3_text", {}, 0),  # q/k norms too
+}
+
+
+@pytest.mark.parametrize("kernels", [TORCH, SKIPPING], ids=["torch", "gradient-only"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_checkpointed_layers_that_record_their_attention_train_as_plain_layers(tiny, monkeypatch, name, kernels):
+    arch, overrides, records = MODELS[name]
+
+    def model():
+        return tiny.lora(tiny.base(arch, attn="sdpa", **overrides))
+
+    ids = tiny.batch()
+    expected = grads(model(), ids)
+    patched = model()
+    ensure_patched(patched, kernels=kernels)
+    assert enable_offloaded_checkpointing(patched) == 2
+    calls = {"record": 0, "sdpa": 0}
+    real_record, real_sdpa = saved_attention.record, F.scaled_dot_product_attention
+
+    def counting(what, real):
+        return lambda *a, **k: calls.__setitem__(what, calls[what] + 1) or real(*a, **k)
+
+    monkeypatch.setattr(saved_attention, "record", counting("record", real_record))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting("sdpa", real_sdpa))
+    patched.train()
+    loss = patched(input_ids=ids, labels=ids).loss
+    assert calls == {"record": records, "sdpa": 2 - records}
+    loss.backward()
+    assert calls["sdpa"] == 2 * (2 - records)  # a recorded attention is not computed again in the replay
+    got = {n: p.grad for n, p in patched.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for n, g in expected.items():
+        assert torch.allclose(got[n], g, rtol=1e-4, atol=1e-6), n
+
+
+def test_the_replay_of_a_recorded_attention_runs_no_projection_gemm_but_the_mlps(tiny, monkeypatch):
+    model = tiny.lora(tiny.base("llama", attn="sdpa"))
+    ensure_patched(model, kernels=SKIPPING)
+    enable_offloaded_checkpointing(model)
+    names = {m.base_layer.weight.data_ptr(): name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if name.endswith("_proj") and hasattr(m, "base_layer")}
+    used = []
+    real = F.linear
+    ids = tiny.batch()
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: used.append(names.get(w.data_ptr())) or real(x, w, b))
+    loss.backward()
+    assert sorted(n for n in used if n) == ["gate_proj"] * 2 + ["up_proj"] * 2  # the MLP's inputs, per layer
+
+
+def test_where_the_host_holds_the_sums_but_not_the_attention_the_replay_runs_it(tiny, monkeypatch):
+    ids = tiny.batch()
+    expected = grads(tiny.lora(tiny.base("llama", attn="sdpa")), ids)
+    model = tiny.lora(tiny.base("llama", attn="sdpa"))
+    ensure_patched(model)
+    # Each layer's input and sum: 2x13x64 fp32, pinned as 8,192 bytes each; the attention's tensors are more.
+    enable_offloaded_checkpointing(model, host_memory_gib=4 * 8192 / 2**30)
+    sdpa = []
+    real = F.scaled_dot_product_attention
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa.append(1) or real(*a, **k))
+    loss.backward()
+    plan = host_plan(model)
+    assert (plan.layers_offloaded, plan.layers_without_attention, plan.layers_input_only) == (0, 2, 0)
+    assert len(sdpa) == 2
+    for n, g in expected.items():
+        assert torch.allclose(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6), n
+
+
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (32, 8)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_replay_has_the_gradients_of_flash_sdpa_with_the_triton_rope(n_heads, n_kv):
+    from adapter_doctor.kernels import kernel_set
+
+    rope = kernel_set("triton").rope
+    torch.manual_seed(0)
+    b, s, d = 2, 384, 128
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, d, 2, device="cuda").float() / d)
+    angles = torch.outer(torch.arange(s, device="cuda").float(), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)[None]
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    q, k, v = (torch.randn(b, s, n * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (n_heads, n_kv, n_kv))
+    scale, grad = d ** -0.5, torch.randn(b, s, n_heads * d, device="cuda", dtype=torch.bfloat16)
+
+    def split(t, n):
+        return t.view(b, s, n, d).transpose(1, 2)
+
+    query, key = rope(split(q, n_heads).clone(), split(k, n_kv).clone(), cos, sin)
+    want = F.scaled_dot_product_attention(query, key, split(v, n_kv), is_causal=True, scale=scale, enable_gqa=True)
+    want = want.transpose(1, 2).reshape(b, s, -1)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    with torch.no_grad():
+        query, key = rope(split(q, n_heads).detach().clone(), split(k, n_kv).detach().clone(), cos, sin)
+        out, kept = saved_attention.record(query, key, split(v, n_kv).detach(), scale)
+    assert torch.equal(out.reshape(b, s, -1), want)  # the operator SDPA itself runs here
+    placeholders = [torch.full_like(t, float("nan")).requires_grad_() for t in (q, k, v)]
+    got = saved_attention.replay(*placeholders, cos, sin, scale, rope, kept)
+    for g, w in zip(torch.autograd.grad(got, placeholders, grad), want_grads):
+        assert float((g - w).float().norm() / w.float().norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_layers_that_record_their_attention_train_as_layers_that_recompute_it(tiny, monkeypatch):
+    ids = [tiny.batch(seed=s).cuda() for s in range(4)]
+
+    def train(record: bool):
+        if not record:
+            monkeypatch.setattr(saved_attention, "recordable", lambda *a, **k: False)
+        recorded = []
+        real = saved_attention.record
+        monkeypatch.setattr(saved_attention, "record", lambda *a: recorded.append(1) or real(*a))
+        model = tiny.lora(tiny.base(attn="sdpa", num_hidden_layers=3)).cuda().to(torch.bfloat16)
+        ensure_patched(model)
+        enable_offloaded_checkpointing(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.train()
+        losses = []
+        for batch in ids:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        monkeypatch.undo()
+        assert len(recorded) == (3 * len(ids) if record else 0)
+        return torch.stack(losses), {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad}
+
+    (want, want_weights), (got, got_weights) = train(False), train(True)
+    assert torch.allclose(got, want, rtol=1e-3, atol=0), (got, want)
+    for name, w in want_weights.items():
+        assert float((got_weights[name] - w).norm() / w.norm()) < 1e-2, name
