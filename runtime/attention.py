@@ -35,7 +35,8 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
     if recorded is not None:  # the forward kept what the attention's backward needs: no GEMMs, RoPE, attention
         q, k, v = _project_qkv(self, opts, hidden_states, kernels, values=False)
         cos, sin = position_embeddings
-        output = saved_attention.replay(q, k, v, cos, sin, self.scaling, kernels.rope, recorded)
+        kept, operator = recorded
+        output = saved_attention.replay(q, k, v, cos, sin, self.scaling, kernels.rope, operator, kept)
         return output_projection(self.o_proj, output, kernels), None
     query, key, value = (t.view(hidden_shape) for t in _project_qkv(self, opts, hidden_states, kernels))
     value = value.transpose(1, 2)
@@ -52,17 +53,16 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
     dropout = 0.0 if not self.training else self.attention_dropout
     documents = kwargs.get("cu_seq_lens_q")
     if tape is not None and tape.mode == RECORD:
-        recording = saved_attention.recordable(
-            query, key, value, scale=self.scaling, implementation=implementation, mask=attention_mask, cache=cache, dropout=dropout,
-            packed=documents is not None, causal=getattr(self, "is_causal", True) and kwargs.get("is_causal") is not False,
-            extra=extra,
-            qk_norm=opts.qk_norm, rotary=cos.shape[-1])
-        kept = []
-        if recording:
-            output, kept = saved_attention.record(query, key, value, self.scaling)
-        tape.attention_calls.append(len(kept))
-        if recording:
-            tape.attention.extend(kept)
+        causal = getattr(self, "is_causal", True) and kwargs.get("is_causal") is not False
+        operator = saved_attention.backend(
+            query, key, value, scale=self.scaling, implementation=implementation, mask=attention_mask, cache=cache,
+            dropout=dropout, packed=documents is not None, causal=causal, extra=extra, qk_norm=opts.qk_norm,
+            rotary=cos.shape[-1])
+        if operator is None:
+            tape.record_attention([], "")
+        else:
+            output, kept = saved_attention.record(operator, query, key, value, self.scaling)
+            tape.record_attention(kept, operator)
             return output_projection(self.o_proj, output.reshape(*input_shape, -1), kernels), None
     if documents is not None and key.shape[-2] == query.shape[-2] and "flash" not in (implementation or "") \
             and getattr(self, "is_causal", True):

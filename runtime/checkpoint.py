@@ -11,8 +11,9 @@ holds the weights, one layer's working set and two layers' saved tensors.
 Host memory is planned too: every layer's saved tensors sit in pinned memory from its forward to its backward,
 so at 256K tokens an 8B model would pin 4 GiB a layer, 128 GiB in all, more than many hosts have. A
 `HostBudget` (by default 90% of the memory the host has available when checkpointing is enabled) is charged
-for each layer's copies. The inputs of all the step's layers come first: a layer keeps its inner sum too (and
-then its attention's tensors) only where the inputs of the layers after it still fit beside it. A layer that
+for each layer's copies. The inputs of all the step's layers come first: a layer keeps its inner sum too only
+where the inputs of the layers after it still fit beside it, and its attention's tensors only where their sums
+do too. A layer that
 keeps no attention tensors runs its attention again in the replay; one that keeps only its input replays its
 output projections too; a layer whose input does not fit on the host keeps it on the GPU, which costs GPU
 memory as well, so the plan leaves that for last. `host_plan(model)` says what each step did.
@@ -71,8 +72,10 @@ class HostBudget:
         self.pending += 1
         sizes = [_pinned_bytes(t) for t in tensors]
         later = max(0, self.layers - self.pending)  # the step's layers still to come, each with an input
-        keep = next((n for n in (len(tensors), without_attention) if self._fits(sum(sizes[:n]) + later * sizes[0])),
-                    1 if self._fits(sizes[0]) else 0)
+        # Later layers' inputs come first, then their sums (each saves a whole replay), then attention tensors.
+        room = ((len(tensors), sum(sizes) + later * sum(sizes[:without_attention])),
+                (without_attention, sum(sizes[:without_attention]) + later * sizes[0]), (1, sizes[0]))
+        keep = next((n for n, size in room if self._fits(size)), 0)
         if not keep:
             self.layers_on_device += 1
             return 1, None

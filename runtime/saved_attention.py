@@ -13,8 +13,8 @@ recorded tensors, with RoPE's transpose applied to dq and dk.
 
 The operator is the one SDPA itself picks for the call (`torch._fused_sdp_choice`): cuDNN's or flash attention's
 on CUDA, the CPU's flash kernel on the CPU; a call SDPA would send elsewhere (memory-efficient, math) runs again
-in the replay. So the values are those the library's call computes, and grouped-query attention runs on the
-unexpanded k and v, as SDPA with `enable_gqa` does. On an H200 at 8B shapes SDPA picks cuDNN, whose backward
+in the replay. So the values are those the library's call computes (as chosen for a call that requires grad),
+and grouped-query attention runs on the unexpanded k and v, as SDPA with `enable_gqa` does. On an H200 at 8B shapes SDPA picks cuDNN, whose backward
 takes 0.47 ms against flash attention's 0.79.
 """
 from __future__ import annotations
@@ -25,34 +25,31 @@ from typing import Any, Sequence
 COUNT = 5  # tensors recorded per attention call: q and k after RoPE, v, the output, the log-sum-exp
 
 
-def recordable(query: Any, key: Any, value: Any, *, scale: float, implementation: str | None, mask: Any,
-               cache: Any, dropout: float, packed: bool, causal: bool, extra: dict, qk_norm: bool,
-               rotary: int) -> bool:
-    """Whether the attention call on these [batch, heads, seq, dim] tensors can be recorded: the library would
-    run causal SDPA over whole rows on a backend whose operator returns the log-sum-exp (flash attention or
-    cuDNN's), and the replay can rebuild dq and dk from the recorded tensors alone (no norm between the
-    projections and RoPE, RoPE over the whole head)."""
+def backend(query: Any, key: Any, value: Any, *, scale: float, implementation: str | None, mask: Any,
+            cache: Any, dropout: float, packed: bool, causal: bool, extra: dict, qk_norm: bool,
+            rotary: int) -> str | None:
+    """The operator that records the attention call on these [batch, heads, seq, dim] tensors ("flash" or
+    "cudnn"), or None where it runs again in the replay. It records where the library would run causal SDPA
+    over whole rows on a backend whose operator returns the log-sum-exp, and the replay can rebuild dq and dk
+    from the recorded tensors alone (no norm between the projections and RoPE, RoPE over the whole head)."""
     import torch
 
     if implementation != "sdpa" or mask is not None or cache is not None or dropout or packed or not causal:
-        return False
+        return None
     if any(v is not None for v in extra.values()) or qk_norm or rotary != query.shape[-1]:
-        return False
+        return None
     if query.shape[-2] != key.shape[-2] or query.shape[-2] < 2 or query.shape[1] % key.shape[1]:
-        return False
-    if not query.is_floating_point() or torch.is_autocast_enabled(query.device.type):
-        return False
-    return _backend(query, key, value, scale) is not None
-
-
-def _backend(query: Any, key: Any, value: Any, scale: float) -> str | None:
-    """The backend SDPA picks for this causal call, where its operator is one this module runs: "flash"
-    (CUDA, or the CPU's kernel) or "cudnn" (CUDA)."""
-    import torch
+        return None
+    if not query.is_floating_point() or torch.is_autocast_enabled(query.device.type) or not _operators():
+        return None
+    if query.is_cuda and query.shape[-1] % 8:  # SDPA pads such heads before the operator, which refuses them
+        return None
+    # Chosen as for a call that requires grad (the first forward runs without): some backends refuse the
+    # backward of some head sizes on some GPUs, and SDPA picks another there.
+    q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     from torch.nn.attention import SDPBackend
 
-    choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scale,
-                                     enable_gqa=query.shape[1] != key.shape[1])
     if choice == SDPBackend.FLASH_ATTENTION.value and query.device.type in ("cuda", "cpu"):
         return "flash"
     if choice == SDPBackend.CUDNN_ATTENTION.value and query.is_cuda:
@@ -60,10 +57,24 @@ def _backend(query: Any, key: Any, value: Any, scale: float) -> str | None:
     return None
 
 
-def _forward(query: Any, key: Any, value: Any, scale: float) -> tuple[Any, Any]:
+@functools.cache
+def _operators() -> bool:
+    """Whether this torch has the operators as called here (2.5 on): SDPA's choice with grouped-query
+    attention, and cuDNN's attention returning the log-sum-exp on request."""
     import torch
 
-    aten, backend = torch.ops.aten, _backend(query, key, value, scale)
+    try:
+        cudnn = str(torch.ops.aten._scaled_dot_product_cudnn_attention.default._schema)
+        choice = torch._fused_sdp_choice
+    except (AttributeError, RuntimeError):
+        return False
+    return "compute_log_sumexp" in cudnn and callable(choice) and hasattr(torch.nn.attention, "SDPBackend")
+
+
+def _forward(backend: str, query: Any, key: Any, value: Any, scale: float) -> tuple[Any, Any]:
+    import torch
+
+    aten = torch.ops.aten
     if backend == "cudnn":
         return aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
                                                          scale=scale)[:2]
@@ -72,26 +83,27 @@ def _forward(query: Any, key: Any, value: Any, scale: float) -> tuple[Any, Any]:
     return aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scale)
 
 
-def _backward(grad: Any, query: Any, key: Any, value: Any, out: Any, lse: Any, scale: float) -> tuple[Any, ...]:
+def _backward(backend: str, grad: Any, query: Any, key: Any, value: Any, out: Any, lse: Any,
+              scale: float) -> tuple[Any, ...]:
     import torch
 
     aten = torch.ops.aten
     if not query.is_cuda:
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, query, key, value, out, lse, 0.0,
                                                                           True, scale=scale)
-    # Whole rows (no cumulative lengths) and no dropout: the random state is not read. The log-sum-exp says
-    # which operator recorded it: cuDNN's is [batch, heads, seq, 1], flash attention's [batch, heads, seq].
+    # Whole rows (no cumulative lengths) and no dropout: the random state is not read.
     seq, unused = query.shape[-2], torch.empty(0, dtype=torch.int64, device=query.device)
-    if lse.dim() == 4:
+    if backend == "cudnn":
         return aten._scaled_dot_product_cudnn_attention_backward(
             grad, query, key, value, out, lse, unused, unused, None, None, None, seq, seq, 0.0, True, scale=scale)
     return aten._scaled_dot_product_flash_attention_backward(
         grad, query, key, value, out, lse, None, None, seq, seq, 0.0, True, unused, unused, scale=scale)
 
 
-def record(query: Any, key: Any, value: Any, scale: float) -> tuple[Any, list[Any]]:
-    """(the attention output as the library returns it, [batch, seq, heads, dim]; the tensors to record)."""
-    out, lse = _forward(query, key, value, scale)
+def record(backend: str, query: Any, key: Any, value: Any, scale: float) -> tuple[Any, list[Any]]:
+    """(the attention output as the library returns it, [batch, seq, heads, dim]; the tensors to record), by the
+    operator `backend` names."""
+    out, lse = _forward(backend, query, key, value, scale)
     # Kept in [batch, seq, heads, dim] order, which is how the projections laid them out: no copies.
     return out.transpose(1, 2), [query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                  out.transpose(1, 2), lse]
@@ -107,10 +119,10 @@ def _function() -> type:
         backward is the attention's and RoPE's."""
 
         @staticmethod
-        def forward(ctx: Any, q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any,
+        def forward(ctx: Any, q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, backend: str,
                     *recorded: Any) -> Any:
             ctx.save_for_backward(cos, sin, *recorded)
-            ctx.scale, ctx.rope, ctx.shapes = scale, rope, (q.shape, k.shape, v.shape)
+            ctx.scale, ctx.rope, ctx.backend, ctx.shapes = scale, rope, backend, (q.shape, k.shape, v.shape)
             out = recorded[3]
             return out.reshape(*out.shape[:2], -1)
 
@@ -119,16 +131,19 @@ def _function() -> type:
         def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
             cos, sin, query, key, value, out, lse = ctx.saved_tensors
             grad = grad.reshape(out.shape).transpose(1, 2)
-            dq, dk, dv = _backward(grad, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            dq, dk, dv = _backward(ctx.backend, grad, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                    out.transpose(1, 2), lse, ctx.scale)
-            dq, dk = ctx.rope(dq, dk, cos, -sin)  # RoPE's transpose is the rotation by minus the angle
+            # RoPE's transpose is the rotation by minus the angle: cos and sin repeat across the head's two
+            # halves (kernels/rope.py), so the rotation by -sin is the kernel's backward rotation.
+            dq, dk = ctx.rope(dq, dk, cos, -sin)
             grads = [g.transpose(1, 2).reshape(shape) for g, shape in zip((dq, dk, dv), ctx.shapes)]
-            return (*grads, None, None, None, None, *[None] * COUNT)
+            return (*grads, None, None, None, None, None, *[None] * COUNT)
 
     return RecordedAttention
 
 
-def replay(q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, recorded: Sequence[Any]) -> Any:
-    """The recorded attention output, [batch, seq, heads · dim], as a function of the projections' outputs
-    `q`, `k`, `v` ([batch, seq, heads · dim], before RoPE; their values are not read) for the backward."""
-    return _function().apply(q, k, v, cos, sin, scale, rope, *recorded)
+def replay(q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, backend: str,
+           recorded: Sequence[Any]) -> Any:
+    """The attention output `backend`'s operator recorded, [batch, seq, heads · dim], as a function of the
+    projections' outputs `q`, `k`, `v` ([batch, seq, heads · dim], before RoPE; their values are not read)."""
+    return _function().apply(q, k, v, cos, sin, scale, rope, backend, *recorded)

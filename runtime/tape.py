@@ -1,4 +1,5 @@
-"""The record a checkpointed layer's forward leaves for its replay: inner residual sums and projection paths.
+"""The record a checkpointed layer's forward leaves for its replay: inner residual sums, attention tensors and
+projection paths.
 
 A checkpointed layer runs its forward twice: once without grad (RECORD), then again in the backward (REPLAY,
 or RECOMPUTE for a layer replayed in full). The tape carries what the first run learnt into the second:
@@ -29,7 +30,8 @@ class Tape:
     defer_outputs: bool = False  # set by the layer: its projections' outputs feed residual sums directly
     parts: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(module) -> (module, its parts)
     attention: list[Any] = field(default_factory=list)  # recorded attention tensors, flat, in call order
-    attention_calls: list[int] = field(default_factory=list)  # per attention call: how many it recorded (or 0)
+    # per attention call: (how many tensors it recorded, by which operator), (0, "") where none
+    attention_calls: list[tuple[int, str]] = field(default_factory=list)
     attention_read: int = 0
 
     def kept(self) -> list[Any]:
@@ -46,14 +48,19 @@ class Tape:
         return cls(REPLAY, list(kept[:layout.sums]), attention=list(kept[layout.sums:]),
                    attention_calls=list(layout.attention_calls) if with_attention else [])
 
-    def next_attention(self) -> list[Any] | None:
-        """The next attention call's recorded tensors, or None where it runs again (it recorded none, or they
-        were not kept)."""
+    def record_attention(self, kept: Sequence[Any], operator: str) -> None:
+        self.attention.extend(kept)
+        self.attention_calls.append((len(kept), operator))
+
+    def next_attention(self) -> tuple[list[Any], str] | None:
+        """The next attention call's recorded tensors and the operator that recorded them, or None where it runs
+        again (it recorded none, or they were not kept)."""
         call, self.attention_read = self.attention_read, self.attention_read + 1
-        if call >= len(self.attention_calls) or not self.attention_calls[call]:
+        if call >= len(self.attention_calls) or not self.attention_calls[call][0]:
             return None
-        start = sum(self.attention_calls[:call])
-        return self.attention[start:start + self.attention_calls[call]]
+        start = sum(count for count, _ in self.attention_calls[:call])
+        count, operator = self.attention_calls[call]
+        return self.attention[start:start + count], operator
 
     def next_sum(self) -> Any:
         if self.read >= len(self.sums):
@@ -76,7 +83,7 @@ class Layout(NamedTuple):
     """What a recording learnt besides its tensors: the projections' parts, and how its kept tensors divide."""
     parts: dict[int, tuple[Any, Any]]
     sums: int  # the first `sums` kept tensors are inner sums, the rest the attention's
-    attention_calls: tuple[int, ...]
+    attention_calls: tuple[tuple[int, str], ...]
 
 
 _LOCAL = threading.local()

@@ -180,8 +180,8 @@ WHOLE = 2 * INPUT + ATTENTION
 
 @pytest.mark.parametrize("room,plan", [
     (3 * WHOLE, (3, 0, 0, 0)),  # room for everything
-    (2 * WHOLE + INPUT, (2, 0, 1, 0)),  # layers 0 and 1 keep everything; layer 2 its input, for which they left room
-    (WHOLE + 2 * INPUT, (1, 0, 2, 0)),
+    (2 * WHOLE + 2 * INPUT, (2, 1, 0, 0)),  # layers 0 and 1 keep everything, leaving room for layer 2's sum
+    (6 * INPUT + ATTENTION, (1, 2, 0, 0)),  # the later layers' sums come before a layer's attention
     (6 * INPUT, (0, 3, 0, 0)),  # inputs and sums fit, the attention's tensors do not: the replay runs attention
     (5 * INPUT, (0, 2, 1, 0)),
     (2 * INPUT, (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU

@@ -23,6 +23,12 @@ def rotary(seq=S, dim=D):
     return emb.cos(), emb.sin()
 
 
+def plain(scale, dim=D):
+    """The keywords of a call that records: causal SDPA over whole rows, RoPE over the whole head."""
+    return dict(scale=scale, implementation="sdpa", mask=None, cache=None, dropout=0.0, packed=False, causal=True,
+                extra={}, qk_norm=False, rotary=dim)
+
+
 def heads(t, n):
     return t.view(B, S, n, D).transpose(1, 2)
 
@@ -43,12 +49,13 @@ def test_the_replay_has_the_value_and_gradients_of_sdpa_after_rope_without_readi
     with torch.no_grad():  # laid out as the projections lay them out: [batch, seq, heads, dim] underneath
         query, key = (t.transpose(1, 2).contiguous().transpose(1, 2)
                       for t in rope_reference(heads(q, n_heads), heads(k, n_kv), cos, sin))
-        out, kept = saved_attention.record(query, key, heads(v, n_kv), scale)
-    assert len(kept) == saved_attention.COUNT and all(t.is_contiguous() for t in kept[:4])  # kept without copies
+        operator = saved_attention.backend(query, key, heads(v, n_kv), **plain(scale))
+        out, kept = saved_attention.record(operator, query, key, heads(v, n_kv), scale)
+    assert operator == "flash" and len(kept) == saved_attention.COUNT and all(t.is_contiguous() for t in kept[:4])  # kept without copies
     assert torch.allclose(out.reshape(B, S, -1), want, atol=tol, rtol=tol)
     # Placeholders of the projections' outputs: the replay must not read them
     placeholders = [torch.full_like(t, float("nan")).requires_grad_() for t in (q, k, v)]
-    got = saved_attention.replay(*placeholders, cos, sin, scale, rope_reference, kept)
+    got = saved_attention.replay(*placeholders, cos, sin, scale, rope_reference, operator, kept)
     assert torch.equal(got, out.reshape(B, S, -1))
     got_grads = torch.autograd.grad(got, placeholders, grad)
     for g, w in zip(got_grads, want_grads):
@@ -58,30 +65,30 @@ def test_the_replay_has_the_value_and_gradients_of_sdpa_after_rope_without_readi
 
 def test_what_is_recorded_and_what_runs_again():
     q, k = torch.zeros(B, 4, S, D), torch.zeros(B, 2, S, D)
-    plain = dict(scale=0.3, implementation="sdpa", mask=None, cache=None, dropout=0.0, packed=False, causal=True, extra={},
-                 qk_norm=False, rotary=D)
-    assert saved_attention.recordable(q, k, k, **plain)
+    call = plain(0.3)
+    assert saved_attention.backend(q, k, k, **call) == "flash"  # the CPU's flash kernel, as SDPA picks it
     for change in [dict(implementation="eager"), dict(implementation="flash_attention_2"),
                    dict(mask=torch.zeros(1)), dict(cache=object()), dict(dropout=0.1), dict(packed=True),
                    dict(causal=False), dict(extra={"sliding_window": 8}), dict(extra={"softcap": 50.0}),
                    dict(qk_norm=True), dict(rotary=D // 2)]:
-        assert not saved_attention.recordable(q, k, k, **{**plain, **change}), change
-    assert saved_attention.recordable(q, k, k, **{**plain, "extra": {"sliding_window": None}})
-    assert not saved_attention.recordable(q, torch.zeros(B, 3, S, D), k, **plain)  # 4 heads do not group by 3
-    assert not saved_attention.recordable(q[:, :, :1], k[:, :, :1], k, **plain)  # one token: not causal SDPA
-    assert not saved_attention.recordable(q.int(), k.int(), k, **plain)
+        assert saved_attention.backend(q, k, k, **{**call, **change}) is None, change
+    assert saved_attention.backend(q, k, k, **{**call, "extra": {"sliding_window": None}}) == "flash"
+    assert saved_attention.backend(q, torch.zeros(B, 3, S, D), k, **call) is None  # 4 heads do not group by 3
+    assert saved_attention.backend(q[:, :, :1], k[:, :, :1], k, **call) is None  # one token: not causal SDPA
+    assert saved_attention.backend(q.int(), k.int(), k, **call) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not saved_attention.recordable(q, k, k, **plain)
+        assert saved_attention.backend(q, k, k, **call) is None
 
 
 def test_a_replay_tape_hands_each_attention_call_its_own_tensors():
     kept = [torch.tensor(i) for i in range(11)]  # one sum, then two calls' five tensors
-    tape = Tape.replaying(kept, Layout({}, 1, (5, 0, 5)))
+    calls = ((5, "flash"), (0, ""), (5, "cudnn"))
+    tape = Tape.replaying(kept, Layout({}, 1, calls))
     assert tape.sums == kept[:1]
     first, second, third = tape.next_attention(), tape.next_attention(), tape.next_attention()
-    assert first == kept[1:6] and second is None and third == kept[6:11]
+    assert first == (kept[1:6], "flash") and second is None and third == (kept[6:11], "cudnn")
     assert tape.next_attention() is None
-    without = Tape.replaying(kept[:1], Layout({}, 1, (5, 0, 5)))  # the attention's tensors were not kept
+    without = Tape.replaying(kept[:1], Layout({}, 1, calls))  # the attention's tensors were not kept
     assert without.next_attention() is None
 
 
@@ -98,6 +105,8 @@ MODELS = {  # arch, overrides, how many of its two layers record their attention
     "phi3-whole-rotary": ("phi3", {"partial_rotary_factor": 1.0, "sliding_window": None}, 2),  # fused qkv_proj
     "phi3": ("phi3", {}, 0),  # half the head rotates
     "gemma3": ("gemma3_text", {}, 0),  # q/k norms too
+    "gemma": ("gemma", {}, 2),
+    "qwen2": ("qwen2", {}, 1),  # its first layer has a window of 8
 }
 
 
@@ -169,8 +178,6 @@ def test_where_the_host_holds_the_sums_but_not_the_attention_the_replay_runs_it(
         assert torch.allclose(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6), n
 
 
-
-
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (32, 8)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -197,10 +204,12 @@ def test_on_the_gpu_the_replay_has_the_gradients_of_flash_sdpa_with_the_triton_r
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     with torch.no_grad():
         query, key = rope(split(q, n_heads).detach().clone(), split(k, n_kv).detach().clone(), cos, sin)
-        out, kept = saved_attention.record(query, key, split(v, n_kv).detach(), scale)
+        operator = saved_attention.backend(query, key, split(v, n_kv), **plain(scale, d))
+        out, kept = saved_attention.record(operator, query, key, split(v, n_kv).detach(), scale)
+    assert operator in ("flash", "cudnn")
     assert torch.equal(out.reshape(b, s, -1), want)  # the operator SDPA itself runs here
     placeholders = [torch.full_like(t, float("nan")).requires_grad_() for t in (q, k, v)]
-    got = saved_attention.replay(*placeholders, cos, sin, scale, rope, kept)
+    got = saved_attention.replay(*placeholders, cos, sin, scale, rope, operator, kept)
     for g, w in zip(torch.autograd.grad(got, placeholders, grad), want_grads):
         assert float((g - w).float().norm() / w.float().norm()) < 1e-2
 
@@ -212,7 +221,7 @@ def test_on_the_gpu_layers_that_record_their_attention_train_as_layers_that_reco
 
     def train(record: bool):
         if not record:
-            monkeypatch.setattr(saved_attention, "recordable", lambda *a, **k: False)
+            monkeypatch.setattr(saved_attention, "backend", lambda *a, **k: None)
         recorded = []
         real = saved_attention.record
         monkeypatch.setattr(saved_attention, "record", lambda *a: recorded.append(1) or real(*a))
