@@ -58,12 +58,3 @@ def gradient_only_many(modules: Sequence[Any], x: Any, kernels: Any) -> list[Any
     if placeholders is None:
         return [_one(module, p, x, kernels) for module, p in zip(modules, parts)]
     return list(placeholders)
-
-
-def gradient_only(module: Any, x: Any, kernels: Any) -> Any:
-    """A placeholder for `module(x)` whose backward is the projection's, for a replay that needs no value; None
-    where the layer or the kernel set cannot provide one."""
-    parts = _parts(module)
-    group = None if parts is None else _group([parts], kernels)
-    placeholders = None if group is None else group[1](x, [parts])
-    return None if placeholders is None else placeholders[0]

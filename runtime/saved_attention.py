@@ -33,6 +33,7 @@ def backend(query: Any, key: Any, value: Any, *, scale: float, implementation: s
     over whole rows on a backend whose operator returns the log-sum-exp, and the replay can rebuild dq and dk
     from the recorded tensors alone (no norm between the projections and RoPE, RoPE over the whole head)."""
     import torch
+    from torch.nn.attention import SDPBackend
 
     if implementation != "sdpa" or mask is not None or cache is not None or dropout or packed or not causal:
         return None
@@ -48,8 +49,6 @@ def backend(query: Any, key: Any, value: Any, *, scale: float, implementation: s
     # backward of some head sizes on some GPUs, and SDPA picks another there.
     q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
     choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    from torch.nn.attention import SDPBackend
-
     if choice == SDPBackend.FLASH_ATTENTION.value and query.device.type in ("cuda", "cpu"):
         return "flash"
     if choice == SDPBackend.CUDNN_ATTENTION.value and query.is_cuda:
