@@ -181,6 +181,27 @@ def host_plan_gib(model: Any) -> dict | None:
     return {k: gib(v) if k in ("limit", "held", "peak") and v else v for k, v in dataclasses.asdict(plan).items()}
 
 
+def reserved_by_pool() -> list[dict]:
+    """The caching allocator's reserved memory now, by stream and pool (a CUDA graph's private pool, or the
+    stream's own blocks): where `max_memory_reserved` above `max_memory_allocated` sits. A block is cached for
+    the stream that allocated it, and only that stream's later requests reuse it."""
+    import torch
+    from adapter_doctor.runtime import checkpoint
+
+    side = {s.cuda_stream for s in checkpoint._STREAMS.values()}
+    sums: dict[tuple, list[int]] = {}
+    for segment in torch.cuda.memory_snapshot():
+        stream = segment["stream"]
+        label = "compute" if stream == 0 else "offload copies" if stream in side else f"stream {stream:#x}"
+        pool = "graphs" if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) else "own"
+        total = sums.setdefault((label, pool), [0, 0, 0])
+        total[0] += segment["total_size"]
+        total[1] += segment["allocated_size"]
+        total[2] += 1
+    return [{"stream": label, "pool": pool, "reserved_gib": gib(r), "allocated_gib": gib(a), "segments": n}
+            for (label, pool), (r, a, n) in sorted(sums.items(), key=lambda kv: -kv[1][0])]
+
+
 def timed(step: Callable[[Any], Any], warmup: Iterable[Any], batches: list[Any], real_tokens: int) -> dict:
     """Run `step` on the warm-up batches, then time it over `batches`: real (non-padding) tokens per second,
     seconds per step, the timed steps' peak memory and the last loss."""

@@ -24,7 +24,8 @@ compute), LoRA r=16 on all seven projections, AdamW. Variants:
 The model is put in training mode before the first step, as Trainer does; `--as-loaded` keeps the mode
 `from_pretrained` leaves (eval), in which transformers skips gradient checkpointing altogether.
 `--profile-memory` records one more step's allocations and reports what was live at the peak, by the source
-line that allocated it; `--profile` where a step's GPU time goes. `--time-kernels` times instead, at the 8B MLP shape, our dequantization against
+line that allocated it; `--profile` where a step's GPU time goes; `--reserved` where the
+reserved memory sits (by stream and pool). `--time-kernels` times instead, at the 8B MLP shape, our dequantization against
 bitsandbytes' and one 4-bit LoRA projection (forward and backward) against PEFT's layer on bitsandbytes.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from harness import (  # noqa: E402
     gib,
     host_plan_gib,
     kernel_profile,
+    reserved_by_pool,
     targets,
     timed,
     training_step,
@@ -182,6 +184,8 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
     parser.add_argument("--profile", action="store_true", help="also profile two steps' GPU time")
     parser.add_argument("--as-loaded", action="store_true", help="no model.train(): from_pretrained's eval mode")
     parser.add_argument("--time-kernels", action="store_true")
+    parser.add_argument("--reserved", action="store_true",
+                        help="also report the reserved memory after the timed steps by stream and pool")
     args = parser.parse_args()
     if args.time_kernels:
         emit(time_kernels())
@@ -235,6 +239,8 @@ def main() -> None:  # noqa: PLR0915 - one timed run, top to bottom
     }
     if "offload" in args.variant:
         result["host_plan"] = host_plan_gib(model)
+    if args.reserved:
+        result["reserved_by_pool"] = reserved_by_pool()
     if args.profile:
         result["profile"] = kernel_profile(step, ids)
     if args.profile_memory:

@@ -30,6 +30,7 @@ from harness import (  # noqa: E402
     host_plan_gib,
     kernel_profile,
     model_config,
+    reserved_by_pool,
     targets,
     timed,
     training_step,
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-gib", type=float, help="cap this process's GPU memory (a smaller card)")
     parser.add_argument("--profile", action="store_true", help="also profile two steps' GPU time")
+    parser.add_argument("--reserved", action="store_true",
+                        help="also report the reserved memory after the timed steps by stream and pool")
     args = parser.parse_args()
     if args.variant == "unsloth":  # before anything imports transformers
         import unsloth  # noqa: F401
@@ -117,6 +120,8 @@ def main() -> None:
               "pid": os.getpid()}
     if args.variant == "ours" and args.gc:  # what the host-memory plan did with the layers' saved tensors
         result["host_plan"] = host_plan_gib(model)
+    if args.reserved and device == "cuda":
+        result["reserved_by_pool"] = reserved_by_pool()
     if args.profile and device == "cuda":
         result["profile"] = kernel_profile(step, ids)
     emit(result)

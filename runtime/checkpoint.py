@@ -18,6 +18,15 @@ keeps no attention tensors runs its attention again in the replay; one that keep
 output projections too; a layer whose input does not fit on the host keeps it on the GPU, which costs GPU
 memory as well, so the plan leaves that for last. `host_plan(model)` says what each step did.
 
+On the GPU, the saved tensors' blocks serve the next layers as soon as the streams are ordered: a layer's
+forward lets go of the tensors of the layer two before it once the current stream waits for their copies, and
+the backward's copies back land in blocks of the current stream, which waits for them before use. (Freed with
+`record_stream` instead, a block waits until the host sees its copy end, and a host running ahead of the GPU,
+as with CUDA graphs, would take fresh blocks for every layer: measured at 8B QLoRA, 3 GiB reserved and unused.)
+The step's last layer hands itself and the layer before it over with `record_stream` all the same, as does a layer
+of more than `_HOLD_BYTES` (long contexts): when a request fails, the allocator synchronizes and frees such blocks,
+which it cannot do for held ones.
+
 The pinned allocator rounds every block up to a power of two, so a 3.1 GiB tensor would pin 4 GiB. Each
 tensor is copied in power-of-two pieces instead (its binary expansion, down to 1/64 of its size), which wastes
 under 2%. The budget counts what is held at once; the allocator also caches freed blocks for reuse by a
@@ -26,6 +35,7 @@ one token budget share one).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import weakref
@@ -40,6 +50,9 @@ from .tape import RECOMPUTE, RECORD, REPLAY, Layout, Tape, taping
 
 _STREAMS: dict[Any, Any] = {}
 _LAST: dict[Any, Any] = {}  # device -> weak reference to the most recent layer's _Saved
+_UNSETTLED: dict[Any, Any] = {}  # device -> deque of weak references to layers still holding their sources
+_IN_FLIGHT = 2  # layers whose copies to the host may still run when a layer's forward ends
+_HOLD_BYTES = 512 << 20  # a layer's saved bytes up to which its forward holds them until settled (see settle)
 
 
 def _side_stream(device: Any) -> Any:
@@ -115,10 +128,10 @@ def _pinned_bytes(t: Any) -> int:
 
 
 def _to_host(t: Any, stream: Any) -> list[tuple[Any, int]]:
-    """Copies of the contiguous `t`'s bytes into pinned pieces on `stream`: [(piece, bytes used)]."""
+    """Copies of the contiguous `t`'s bytes into pinned pieces on `stream`: [(piece, bytes used)]. The caller
+    keeps `t` until the copies are ordered before its blocks' next use (`_Saved.settle`, `_after_copies`)."""
     import torch
 
-    t.record_stream(stream)  # the caching allocator must not reuse it before the copies end
     flat = t.view(-1).view(torch.uint8)
     out, start = [], 0
     with torch.cuda.stream(stream):
@@ -131,16 +144,20 @@ def _to_host(t: Any, stream: Any) -> list[tuple[Any, int]]:
     return out
 
 
-def _to_device(pieces: list[tuple[Any, int]], shape: Any, dtype: Any, device: Any) -> Any:
-    """The tensor back from its pinned pieces, copied on the current stream."""
+def _to_device(pieces: list[tuple[Any, int]], t: Any) -> None:
+    """Copies of the pinned pieces into the device tensor `t`, on the current stream."""
     import torch
 
-    t = torch.empty(shape, dtype=dtype, device=device)
     flat, start = t.view(-1).view(torch.uint8), 0
     for piece, used in pieces:
         flat[start:start + used].copy_(piece[:used], non_blocking=True)
         start += used
-    return t
+
+
+def _after_copies(tensors: list[Any], device: Any) -> None:
+    """Hand device tensors to the allocator: their blocks serve again once the side stream's work so far ends."""
+    for t in tensors:
+        t.record_stream(_side_stream(device))
 
 
 def available_host_memory() -> int | None:
@@ -187,7 +204,7 @@ class _Saved:
     """One layer's saved tensors between its forward and backward: host copies, then device copies."""
 
     def __init__(self, tensors: list[Any], device: Any, budget: HostBudget | None = None,
-                 without_attention: int | None = None):
+                 without_attention: int | None = None, last: bool = False):
         import torch
 
         self.device, self.cuda, self.charged, self.budget = device, device.type == "cuda", 0, budget
@@ -199,28 +216,78 @@ class _Saved:
             self.charged = charged or 0
         if not self.cuda:  # on the CPU (or over the host budget) nothing moves
             self.host, self.fetched = None, [t.detach() for t in tensors]
+            if last:
+                _let_go_all()
             return
         tensors = [t.detach().contiguous() for t in tensors]  # a strided one's copy, before the side stream waits
         stream = _side_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         self.layout = [(t.shape, t.dtype) for t in tensors]
+        # The device tensors, until the stream that made them is ordered after their copies (settle). A large
+        # layer's go to the allocator at once instead: when a request fails, it synchronizes and frees blocks
+        # handed over so, which it cannot do for held ones; at long contexts two held layers could exhaust it.
+        self.sources: list[Any] | None = tensors
+        self.stream = torch.cuda.current_stream(device)
         self.host = [_to_host(t, stream) for t in tensors]
+        self.copied = torch.cuda.Event()
+        self.copied.record(stream)
         self.fetched, self.ready = None, None
         self.previous = _LAST.get(device)  # a weak reference: a finished step's layers must not stay alive
         _LAST[device] = weakref.ref(self)
+        unsettled = _UNSETTLED.setdefault(device, collections.deque())
+        if sum(t.numel() * t.element_size() for t in tensors) > _HOLD_BYTES:
+            self.let_go()
+        else:
+            unsettled.append(weakref.ref(self))
+        while len(unsettled) > _IN_FLIGHT:
+            earlier = unsettled.popleft()()
+            if earlier is not None:
+                earlier.settle()
+        if last:  # the step's last checkpointed layer: no later one will settle these
+            _let_go_all()
 
-    def prefetch(self) -> None:
-        """Start the copy back to the GPU on the side stream (queued after the copy out), once."""
+    def settle(self) -> None:
+        """Order the current stream after the copies out, and let the device tensors go: the allocator may give
+        their blocks to the current stream's next requests at once. (Handed over with `record_stream`, a block
+        waits until the host sees the copies end; a host that runs ahead of the GPU, as with CUDA graphs, sees
+        that late and meanwhile takes fresh blocks for every layer.) A layer settles the one `_IN_FLIGHT` before
+        it, so the forward waits only where the copies fall that far behind."""
+
+        if self.sources is not None:
+            self.stream.wait_event(self.copied)  # the stream whose pool their blocks return to
+            self.sources = None
+
+    def let_go(self) -> None:
+        """Let the device tensors go without ordering the current stream: their blocks wait for the copies."""
+        if self.sources is not None:
+            _after_copies(self.sources, self.device)
+            self.sources = None
+
+    def prefetch(self, first: bool = False) -> None:
+        """Start the copy back to the GPU on the side stream (queued after the copy out), once. `first`: the
+        backward's first layer, which no later layer prefetched."""
         import torch
 
         if self.fetched is not None or self.host is None:  # fetched already, or taken (an earlier step's)
             return
-        stream = _side_stream(self.device)
+        stream, current = _side_stream(self.device), torch.cuda.current_stream(self.device)
+        # The first on the side stream's own blocks (one layer's, reused every step), so that its copy starts as
+        # the copy out ends, during the loss, not once the current stream gets here: the backward would wait. The
+        # others on the current stream's, which then serve the forward's saved tensors and the backward's alike
+        # and are freed in its order, since it waits for the copies before any use (take).
+        with torch.cuda.stream(stream if first else current):
+            fetched = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.layout]
+        if first:
+            for t in fetched:
+                t.record_stream(current)  # freed after use on the current stream
+        else:
+            stream.wait_stream(current)  # their blocks may be ones the current stream's queued work still uses
         with torch.cuda.stream(stream):
-            self.fetched = [_to_device(pieces, shape, dtype, self.device)
-                            for pieces, (shape, dtype) in zip(self.host, self.layout)]
+            for pieces, t in zip(self.host, fetched):
+                _to_device(pieces, t)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
+        self.fetched, self.fetched_on = fetched, current
 
     def take(self) -> list[Any]:
         """The device tensors, usable on the current stream; prefetches the layer before this one."""
@@ -233,11 +300,13 @@ class _Saved:
             raise RuntimeError(
                 "a second backward through a layer under enable_offloaded_checkpointing: its saved tensors were "
                 "freed by the first (retain_graph=True is not supported there; run the forward again instead)")
-        self.prefetch()
+        self.settle()
+        self.prefetch(first=True)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
-        for t in self.fetched:
-            t.record_stream(current)  # allocated on the side stream, freed after use on this one
+        if current != self.fetched_on:  # prefetched for another stream than the one that uses them
+            for t in self.fetched:
+                t.record_stream(current)
         earlier = self.previous() if self.previous is not None else None
         if earlier is not None:
             earlier.prefetch()
@@ -251,7 +320,24 @@ class _Saved:
         self.budget = None  # once per layer, whichever of take() and __del__ comes first
 
     def __del__(self) -> None:  # a step abandoned before its backward
+        try:  # CUDA calls in a finalizer: at interpreter exit torch may be gone already
+            if getattr(self, "sources", None) is not None:
+                self.let_go()
+            if getattr(self, "cuda", False) and getattr(self, "fetched", None) is not None:  # prefetched, not taken
+                _after_copies(self.fetched, self.device)
+        except Exception:  # noqa: BLE001, S110 - nothing left to order
+            pass
         self._release()
+
+
+def _let_go_all() -> None:
+    """Let go of every layer still holding its device tensors, on every device (the step's last layer has run;
+    a model split across GPUs leaves the earlier GPUs' last layers unsettled)."""
+    for unsettled in _UNSETTLED.values():
+        while unsettled:
+            saved = unsettled.popleft()()
+            if saved is not None:
+                saved.let_go()
 
 
 def _function() -> type:
@@ -271,7 +357,8 @@ def _function() -> type:
             else:
                 out, kept, layout = graphs.forward(_record, run, hidden, rest)
             ctx.graph_clean = graphs is not None and graphs.forward_call.clean
-            ctx.saved = _Saved([hidden, *kept], hidden.device, shape["budget"], without_attention=1 + layout.sums)
+            ctx.saved = _Saved([hidden, *kept], hidden.device, shape["budget"], without_attention=1 + layout.sums,
+                               last=shape["last"])
             ctx.layout = layout  # the projections' paths, for the replay to take the same, and what was kept
             ctx.tuple_out = shape["tuple"] = isinstance(out, tuple)
             shape["tail"] = out[1:] if ctx.tuple_out else ()
@@ -351,9 +438,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, host_budget: HostBudget | None = None,
-                         graphs: LayerGraphs | None = None, **kwargs: Any) -> Any:
+                         graphs: LayerGraphs | None = None, last_layer: bool = False, **kwargs: Any) -> Any:
     """Drop-in for `torch.utils.checkpoint.checkpoint(function, hidden, *args)` with CPU-offloaded inputs,
-    within `host_budget` when given, the layer's calls replayed as CUDA graphs by `graphs` when given."""
+    within `host_budget` when given, the layer's calls replayed as CUDA graphs by `graphs` when given.
+    `last_layer`: the last layer a forward checkpoints (its saved tensors let the earlier layers' go)."""
     if not _FUNCTION:
         _FUNCTION.append(_function())
     if kwargs:
@@ -361,7 +449,7 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: Any, *args: Any, 
         function = functools.partial(function, **kwargs) if kwargs else function
     layer = _layer_of(function)
     # and whether the layer returns a tuple (transformers 4) or a tensor (5)
-    shape: dict = {"args": len(args), "layer": layer, "budget": host_budget,
+    shape: dict = {"args": len(args), "layer": layer, "budget": host_budget, "last": last_layer,
                    "graphs": graphs if graphs is not None and graphs.layer is layer else None}
     # The layer's trainable parameters are inputs too, and get their gradients from the backward: DDP with
     # find_unused_parameters=True (the Trainer's default for a PeftModel) walks the graph from the loss, and would
@@ -387,8 +475,9 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     it (`graphs.py`: no dropout, no autocast, no hooks, no packed batch, a batch shape that repeats), which takes
     the host's launching out of the step, for the same results as the eager calls. It pays where the host is
     slower than the GPU (small batches, a slow or busy host), and costs GPU memory that the allocator reserves
-    but does not count as allocated (the graphs' pool): measured on H200s at 8B QLoRA, 3 to 14% more tok/s at
-    batch 2 for 2 to 7 GiB more reserved, nothing at batch 4 (README). `host_plan(model).graphs` counts what
+    but does not count as allocated (the graphs' pool and their copies of each call's inputs and outputs):
+    measured on H200s at 8B QLoRA, 3 to 32% more tok/s at batch 2, as the host's speed varied, for about 1.3 GiB
+    more reserved (9.1 against 7.8 GiB), nothing at batch 4 (README). `host_plan(model).graphs` counts what
     they did.
     Uses transformers' own checkpointing switch and replaces, per instance, the function each layer calls.
     The layers' inputs must require grad for the backward to reach the first layer: the embeddings' output is
@@ -417,20 +506,17 @@ def enable_offloaded_checkpointing(model: Any, every_n_layers: int = 1, host_mem
     model.enable_input_require_grads()
     graphs = GraphSet() if cuda_graphs else None
     budget = model.__dict__[_BUDGET] = HostBudget(limit, graphs=None if graphs is None else graphs.stats)
-    index = layers = 0
-    for module in model.modules():
-        if not _checkpointed_layer(module):
-            continue
-        if index % every_n_layers == 0:
-            layer_graphs = None if graphs is None else LayerGraphs(graphs, module)
-            module._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, host_budget=budget,
-                                                                    graphs=layer_graphs)
-            layers += 1
-        else:
+    candidates = [m for m in model.modules() if _checkpointed_layer(m)]
+    chosen = candidates[::every_n_layers]
+    for index, module in enumerate(candidates):
+        if index % every_n_layers:
             module.gradient_checkpointing = False
-        index += 1
-    budget.layers = layers
-    return layers
+            continue
+        layer_graphs = None if graphs is None else LayerGraphs(graphs, module)
+        module._gradient_checkpointing_func = functools.partial(
+            offloaded_checkpoint, host_budget=budget, graphs=layer_graphs, last_layer=module is chosen[-1])
+    budget.layers = len(chosen)
+    return len(chosen)
 
 
 def _checkpointed_layer(module: Any) -> bool:

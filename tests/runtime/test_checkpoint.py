@@ -153,6 +153,70 @@ def test_a_tensor_of_no_power_of_two_size_goes_to_the_host_in_pieces_and_comes_b
     assert budget.held == 0 and budget.pending == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("held", [True, False])  # False: layers over _HOLD_BYTES, handed to the allocator at once
+def test_copies_that_fall_behind_the_forward_reuse_blocks_and_the_tensors_come_back_equal(held, monkeypatch):
+    """With the host far ahead of the copies to the host (the side stream sleeps first), a forward would take
+    fresh GPU blocks for every layer if its saved tensors' blocks waited for the host to see the copies end;
+    instead each layer orders the stream after the copies of the layer two before it, and the blocks serve
+    again. Larger layers go to the allocator at once, as before; both come back equal."""
+    from adapter_doctor.runtime import checkpoint
+
+    layers, size = 12, 32 << 20
+    if not held:
+        monkeypatch.setattr(checkpoint, "_HOLD_BYTES", size - 1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    side = checkpoint._side_stream(device)
+    budget = checkpoint.HostBudget(None, layers=layers)
+
+    def forward() -> list:
+        saved = []
+        for i in range(layers):
+            t = torch.full((size // 2,), float(i), dtype=torch.bfloat16, device=device)
+            saved.append(checkpoint._Saved([t], device, budget, last=i == layers - 1))
+            assert (saved[-1].sources is None) == (not held or i == layers - 1)
+            del t
+        return saved
+
+    def backward(saved: list) -> None:
+        torch.cuda._sleep(1_000_000_000)  # the current stream behind the host too: nothing waits for the host
+        wrong = []
+        for i in reversed(range(layers)):
+            (back,) = saved[i].take()
+            wrong.append((back != float(i)).any())
+            del back
+        assert not torch.stack(wrong).any().item()
+
+    backward(forward())  # pins the host blocks once: a fresh pinned allocation may wait for the GPU
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # about a second: the copies fall far behind the host
+    saved = forward()
+    assert not side.query()  # the premise: the host ran ahead of the copies
+    grown = torch.cuda.memory_reserved() - before
+    bound = (checkpoint._IN_FLIGHT + 2) * size
+    if held:
+        assert grown <= bound, f"{grown / size:.1f} layers' blocks for {layers} layers"
+    else:  # the premise again: handed to the allocator, the blocks wait for the host to see the copies end
+        assert grown > bound
+    before = torch.cuda.memory_reserved()
+    backward(saved)
+    assert torch.cuda.memory_reserved() - before <= bound  # the copies back reuse blocks too
+    assert budget.held == 0 and budget.pending == 0
+
+
+def test_only_the_last_checkpointed_layer_is_marked_last():
+    model = lora_llama()
+    assert enable_offloaded_checkpointing(model, every_n_layers=2) == 2
+    layers = model.base_model.model.model.layers
+    marks = [getattr(layer._gradient_checkpointing_func, "keywords", {}).get("last_layer") for layer in layers]
+    assert marks == [False, None, True]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True]
+
+
 def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
     from adapter_doctor.runtime import host_plan
 
