@@ -336,5 +336,6 @@ def run() -> None:
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("DOCTOR_DEBUG"):
             raise
-        click.echo(f"doctor: internal error: {type(exc).__name__}: {exc} (set DOCTOR_DEBUG=1 for details)", err=True)
+        first = (str(exc).strip().splitlines() or [""])[0]  # one line, whatever the message holds
+        click.echo(f"doctor: internal error: {type(exc).__name__}: {first} (set DOCTOR_DEBUG=1 for details)", err=True)
         sys.exit(2)

@@ -247,12 +247,11 @@ class _Saved:
             _let_go_all()
 
     def settle(self) -> None:
-        """Order the current stream after the copies out, and let the device tensors go: the allocator may give
-        their blocks to the current stream's next requests at once. (Handed over with `record_stream`, a block
+        """Order the stream that made the device tensors after their copies out, and let them go: the allocator
+        may give their blocks to that stream's next requests at once. (Handed over with `record_stream`, a block
         waits until the host sees the copies end; a host that runs ahead of the GPU, as with CUDA graphs, sees
         that late and meanwhile takes fresh blocks for every layer.) A layer settles the one `_IN_FLIGHT` before
         it, so the forward waits only where the copies fall that far behind."""
-
         if self.sources is not None:
             self.stream.wait_event(self.copied)  # the stream whose pool their blocks return to
             self.sources = None

@@ -89,6 +89,68 @@ def test_list_checks_and_explain():
     assert run("explain", "ADC999").exit_code == 2
 
 
+def test_list_checks_as_a_table_names_every_check():
+    ids = [c["id"] for c in json.loads(run("list-checks", "--format", "json").output)]
+    table = run("list-checks").output
+    assert table.split()[:5] == ["id", "category", "severity", "fixer", "title"]
+    rows = [line.split()[0] for line in table.splitlines()[1:] if line.strip()]
+    assert rows == ids
+
+
+def test_explain_a_check_without_a_fixer_gives_its_manual_fix():
+    from adapter_doctor.checks import all_checks
+
+    check = next(c for c in all_checks() if not c.fixer and c.manual)
+    result = run("explain", check.id)
+    assert result.exit_code == 0
+    assert result.output.rstrip().endswith(f"fix: {check.manual}") and "doctor fix PATH" not in result.output
+
+
+def test_many_targets_at_a_terminal_get_a_progress_bar_and_the_same_report(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from adapter_doctor import cli
+    from adapter_doctor.diagnose import Options
+
+    paths = []
+    for i in range(21):  # over 20 targets: the bar shows at a terminal
+        shutil.copytree(ROOT / "fixtures" / "healthy" / "llama-lora", tmp_path / f"a{i:02d}")
+        paths.append(tmp_path / f"a{i:02d}")
+    plain, _ = cli._run(tuple(paths), Options(), progress=True)  # not a terminal here: no bar
+    shown, real = [], cli._progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(cli, "_progress", lambda total: shown.append(total) or real(total))
+    barred, _ = cli._run(tuple(paths), Options(), progress=True)
+    assert shown == [21]
+    assert [t.path for t in barred.targets] == [t.path for t in plain.targets]
+    assert [[f.id for f in t.findings] for t in barred.targets] == [[f.id for f in t.findings] for t in plain.targets]
+
+
+def test_a_crash_is_one_line_with_exit_two_and_the_traceback_on_request(monkeypatch, capsys):
+    import pytest
+    from adapter_doctor import cli
+
+    def crash(**_):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "main", crash)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")  # restored after; run() only sets it where unset
+    monkeypatch.delenv("DOCTOR_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "doctor: internal error: RuntimeError: boom (set DOCTOR_DEBUG=1 for details)\n"
+    monkeypatch.setenv("DOCTOR_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.run()
+    monkeypatch.setattr(cli, "main", lambda **_: (_ for _ in ()).throw(SystemExit(0)))  # exits pass through
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 0
+
+
 def test_env_reports_versions_and_shadowing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "peft").mkdir()
