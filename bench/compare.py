@@ -32,7 +32,8 @@ The modes combine: `--speed --packed --longest` runs the bf16 speed table, the r
 long-context search in one launch, each variant still in its own process, and writes one report keyed by mode
 (`speed`, `packed`, `qlora`, `multigpu`); a single mode keeps its report's own shape.
 
-`--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes. Each row is also written
+`--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes. Every speed and QLoRA
+row says where its reserved GPU memory sits, by stream and pool (`reserved_by_pool`). Each row is also written
 to `<out>.partial.json` as its process ends, so a launch stopped part-way keeps what it finished; the file goes
 once the whole report is written.
 """
@@ -173,7 +174,7 @@ def speed(args: argparse.Namespace) -> dict:
                 for variant, gc in speed_variants():
                     results.append(run("train_bench.py", size=size, variant=variant, seq=args.seq, bs=bs, gc=gc,
                                        checkpoint=checkpoint if variant == "unsloth" else None,
-                                       profile=args.profile and variant == "ours"))
+                                       profile=args.profile and variant == "ours", reserved=True))
     report: dict = {"results": results}
     if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
         checkpoint = base(args, "8b") if installed("unsloth") else None
@@ -198,7 +199,7 @@ def qlora(args: argparse.Namespace) -> dict:
     results = [] if args.skip_speed else [
         run("qlora_bench.py", checkpoint=checkpoint, variant=variant, seq=args.seq, bs=bs,
             profile_memory=variant == "hf", profile=args.profile and variant.startswith("ours"),
-            as_loaded=args.qlora_as_loaded)
+            as_loaded=args.qlora_as_loaded, reserved=True)
         for bs in args.bs for variant in chosen]
     report: dict = {"results": results}
     if args.longest:
