@@ -5,7 +5,9 @@ forward runs (with logits).
 
 Every forward first looks for a packed batch (`packing.py`): when it finds one it hands the layout to the
 layers as the flash-attention keywords, gives each document its own positions, ignores the targets that would
-cross a boundary, and warns once if an attention module it did not patch would mix the documents anyway."""
+cross a boundary, and warns once if an attention module it did not patch would mix the documents anyway. For
+a batch of one document a row on a library that would hand SDPA a full causal mask for it (transformers 4.57),
+it passes a mask of ones instead, with which SDPA runs causal by itself (`packing.causal_mask_of_ones`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +47,10 @@ def causal_lm_forward(self: Any, ctx: Context, *args: Any, **kwargs: Any) -> Any
     if documents is not None:
         packing.check_once(self, kwargs, documents)
         kwargs = packing.with_documents(kwargs, documents)
+    else:
+        ones = packing.causal_mask_of_ones(self, kwargs)
+        if ones is not None:
+            kwargs = {**kwargs, "attention_mask": ones}
     labels = kwargs.get("labels")
     fused = labels is not None and self.training and kwargs.get("shift_labels") is None and not self.__dict__.get(LOGITS)
     head = _head(self) if fused else None

@@ -237,25 +237,21 @@ def test_a_host_budget_keeps_what_fits_and_the_gradients_stay_exact():
 
 
 # What each layer of lora_llama keeps, pinned: its input and inner sum, 2x12x32 fp32 each (3,072 bytes, pinned as
-# 4,096), and its attention's q, k, v, output and log-sum-exp (4,096 + 2,048 + 2,048 + 4,096 + 512 pinned). Only
-# where the library calls SDPA without a mask: transformers 4.57 builds the causal mask as a tensor once no cache
-# is used (checkpointing turns it off), so there its layers record no attention and replay it (saved_attention.py).
-RECORDS = int(transformers.__version__.split(".")[0]) >= 5
-INPUT, ATTENTION = 4096, 12_800 if RECORDS else 0
+# 4,096), and its attention's q, k, v, output and log-sum-exp (4,096 + 2,048 + 2,048 + 4,096 + 512 pinned).
+INPUT, ATTENTION = 4096, 12_800
 WHOLE = 2 * INPUT + ATTENTION
 
 
-@pytest.mark.parametrize("room,plan,without_attention", [  # the plan where the attention records, and where not
-    (3 * WHOLE, (3, 0, 0, 0), (3, 0, 0, 0)),  # room for everything
-    (2 * WHOLE + 2 * INPUT, (2, 1, 0, 0), (3, 0, 0, 0)),  # layers 0 and 1 keep everything, leaving room for a sum
-    (6 * INPUT + ATTENTION, (1, 2, 0, 0), (3, 0, 0, 0)),  # the later layers' sums come before a layer's attention
-    (6 * INPUT, (0, 3, 0, 0), (3, 0, 0, 0)),  # inputs and sums fit, the attention's tensors do not
-    (5 * INPUT, (0, 2, 1, 0), (2, 0, 1, 0)),
-    (2 * INPUT, (0, 0, 2, 1), (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
-    (INPUT / 2, (0, 0, 0, 3), (0, 0, 0, 3)),
+@pytest.mark.parametrize("room,plan", [
+    (3 * WHOLE, (3, 0, 0, 0)),  # room for everything
+    (2 * WHOLE + 2 * INPUT, (2, 1, 0, 0)),  # layers 0 and 1 keep everything, leaving room for a sum
+    (6 * INPUT + ATTENTION, (1, 2, 0, 0)),  # the later layers' sums come before a layer's attention
+    (6 * INPUT, (0, 3, 0, 0)),  # inputs and sums fit, the attention's tensors do not
+    (5 * INPUT, (0, 2, 1, 0)),
+    (2 * INPUT, (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
+    (INPUT / 2, (0, 0, 0, 3)),
 ])
-def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(room, plan, without_attention):
-    plan = plan if RECORDS else without_attention
+def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(room, plan):
     from adapter_doctor.runtime import host_plan
 
     loss, expected = grads(lora_llama())

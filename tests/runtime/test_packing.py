@@ -443,3 +443,33 @@ def test_guard_checks_each_kind_of_batch_once_without_walking_the_model_again(ti
     walks_in_a_forward()
     assert len(checks) == 3
     handle.remove()
+
+
+def test_the_probe_of_the_library_answers_as_its_release_masks_rows_of_one_document():
+    """transformers 4.57's check for packed sequences answers with a tensor even for rows of one document each,
+    so it builds SDPA a full causal mask there; 5.x answers None and builds none."""
+    import transformers
+
+    expected = int(transformers.__version__.split(".")[0]) < 5
+    assert packing._library_masks_single_documents() is expected
+
+
+@pytest.mark.parametrize("attn,extra,wanted", [
+    ("sdpa", {}, True),
+    ("eager", {}, False),  # eager builds its mask either way
+    ("flash_attention_2", {}, False),  # flash-attention would unpad for a mask
+    ("sdpa", {"attention_mask": torch.ones(2, 13, dtype=torch.long)}, False),  # the user's mask stays
+    ("sdpa", {"past_key_values": object()}, False),  # a cache: the library sizes the mask from it
+])
+def test_a_mask_of_ones_is_given_only_where_the_library_would_build_a_causal_one(tiny, monkeypatch, attn, extra,
+                                                                                 wanted):
+    model = tiny.base("llama", attn="sdpa")
+    model.config._attn_implementation = attn
+    batch = {"input_ids": tiny.batch(), **extra}
+    monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: True)
+    ones = packing.causal_mask_of_ones(model, batch)
+    assert (ones is not None) is wanted
+    if wanted:
+        assert ones.shape == batch["input_ids"].shape and bool(ones.eq(1).all())
+    monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: False)
+    assert packing.causal_mask_of_ones(model, batch) is None  # transformers 5: nothing to add

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from adapter_doctor.kernels import TORCH, lora_linear, rope_reference
 from adapter_doctor.runtime import ensure_patched, host_plan, saved_attention
 from adapter_doctor.runtime.checkpoint import enable_offloaded_checkpointing
@@ -15,9 +14,6 @@ from adapter_doctor.runtime.tape import Layout, Tape
 SKIPPING = dataclasses.replace(TORCH, name="torch+gradient-only",
                                lora_linear_gradient_only=lora_linear.lora_linear_gradient_only)
 B, S, D = 2, 9, 16
-# transformers 4.57 builds SDPA's causal mask as a tensor once no cache is used (checkpointing turns it off): there
-# the layers record no attention, and their replay runs it, as before. transformers 5 passes no mask.
-RECORDS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def rotary(seq=S, dim=D):
@@ -118,7 +114,6 @@ MODELS = {  # arch, overrides, how many of its two layers record their attention
 @pytest.mark.parametrize("name", list(MODELS))
 def test_checkpointed_layers_that_record_their_attention_train_as_plain_layers(tiny, monkeypatch, name, kernels):
     arch, overrides, records = MODELS[name]
-    records = records if RECORDS else 0
 
     def model():
         return tiny.lora(tiny.base(arch, attn="sdpa", **overrides))
@@ -160,7 +155,7 @@ def test_the_replay_of_a_recorded_attention_runs_no_projection_gemm_but_the_mlps
     loss = model(input_ids=ids, labels=ids).loss
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: used.append(names.get(w.data_ptr())) or real(x, w, b))
     loss.backward()
-    replayed = ["gate_proj", "up_proj"] if RECORDS else ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    replayed = ["gate_proj", "up_proj"]
     assert sorted(n for n in used if n) == sorted(replayed * 2)  # per layer: the MLP's inputs (and q/k/v's)
 
 
@@ -178,10 +173,7 @@ def test_where_the_host_holds_the_sums_but_not_the_attention_the_replay_runs_it(
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa.append(1) or real(*a, **k))
     loss.backward()
     plan = host_plan(model)
-    if RECORDS:
-        assert (plan.layers_offloaded, plan.layers_without_attention, plan.layers_input_only) == (0, 2, 0)
-    else:  # nothing recorded: the sums are everything a layer keeps
-        assert (plan.layers_offloaded, plan.layers_without_attention, plan.layers_input_only) == (2, 0, 0)
+    assert (plan.layers_offloaded, plan.layers_without_attention, plan.layers_input_only) == (0, 2, 0)
     assert len(sdpa) == 2
     for n, g in expected.items():
         assert torch.allclose(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6), n
