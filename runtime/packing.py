@@ -13,7 +13,6 @@ installed transformers applies (measured on 5.24: SDPA and eager build a per-doc
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,32 +86,39 @@ def find_documents(batch: dict[str, Any]) -> Documents | None:
     return Documents(cu_seq_lens, int(lengths.max()), position_ids.expand(rows, -1))
 
 
-@functools.cache
+_PROBED: list[bool] = []
+
+
 def _library_masks_single_documents() -> bool:
     """Whether the library builds a full causal mask for rows of one document each when a batch has no attention
     mask and no cache (transformers 4.57: its check for packed sequences never answers "none"), where for a mask
-    of ones it builds none and SDPA runs causal by itself. Asked of the library's own check, not its version."""
-    try:
-        import torch
-        from transformers import masking_utils
+    of ones it builds none and SDPA runs causal by itself. Asked of the library's own check, not its version,
+    once, outside tracing (where 5.x's check answers with a tensor too)."""
+    if not _PROBED:
+        try:
+            import torch
+            from transformers import masking_utils
 
-        return masking_utils.find_packed_sequence_indices(torch.arange(4)[None]) is not None
-    except (ImportError, AttributeError, TypeError):
-        return False
+            _PROBED.append(masking_utils.find_packed_sequence_indices(torch.arange(4, device="cpu")[None]) is not None)
+        except Exception:  # noqa: BLE001 - no such check, or one that cannot run: the library is left as it is
+            _PROBED.append(False)
+    return _PROBED[0]
 
 
 def causal_mask_of_ones(model: Any, batch: dict[str, Any]) -> Any:
-    """For a batch of one document a row, no padding mask and no cache, on a library that would then hand SDPA a
-    full causal mask (`_library_masks_single_documents`): an attention mask of ones, with which it hands SDPA
+    """For a batch that `find_documents` found not packed (one document a row), with no padding mask, no cache
+    and no `cache_position`, on a library that would then hand SDPA a full causal mask
+    (`_library_masks_single_documents`): an attention mask of ones, with which it hands the full-attention layers
     none, so SDPA runs causal by itself (its fastest kernels, and the layers can keep their attention for a
-    checkpoint's replay). None where the library needs no help, or the attention is not SDPA (flash-attention
-    would unpad for a mask; eager builds one either way)."""
+    checkpoint's replay); sliding-window layers past their window get their mask either way. None where the
+    library needs no help, while compiling or tracing (the library then builds a mask whatever it is given), or
+    where the attention is not SDPA (flash-attention would unpad for a mask; eager builds one either way)."""
     import torch
 
     shape = _shape(batch)
-    if shape is None or batch.get("attention_mask") is not None or has_cache(batch) \
-            or getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" \
-            or not _library_masks_single_documents():
+    if shape is None or batch.get("attention_mask") is not None or batch.get("cache_position") is not None \
+            or has_cache(batch) or getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or not _library_masks_single_documents():
         return None
     device = next(batch[k].device for k in ("input_ids", "inputs_embeds") if batch.get(k) is not None)
     return torch.ones(shape, dtype=torch.long, device=device)

@@ -9,10 +9,10 @@ from peft import LoraConfig, get_peft_model
 BATCH = torch.arange(2 * 12).reshape(2, 12) % 60 + 2
 
 
-def lora_llama():
+def lora_llama(attn: str = "sdpa"):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=64)
+                                      num_key_value_heads=2, vocab_size=64, attn_implementation=attn)
     model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(
         r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], lora_dropout=0.0))
     for name, p in model.named_parameters():
@@ -242,20 +242,24 @@ INPUT, ATTENTION = 4096, 12_800
 WHOLE = 2 * INPUT + ATTENTION
 
 
-@pytest.mark.parametrize("room,plan", [
-    (3 * WHOLE, (3, 0, 0, 0)),  # room for everything
-    (2 * WHOLE + 2 * INPUT, (2, 1, 0, 0)),  # layers 0 and 1 keep everything, leaving room for a sum
-    (6 * INPUT + ATTENTION, (1, 2, 0, 0)),  # the later layers' sums come before a layer's attention
-    (6 * INPUT, (0, 3, 0, 0)),  # inputs and sums fit, the attention's tensors do not
-    (5 * INPUT, (0, 2, 1, 0)),
-    (2 * INPUT, (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
-    (INPUT / 2, (0, 0, 0, 3)),
+@pytest.mark.parametrize("attn,room,plan", [
+    ("sdpa", 3 * WHOLE, (3, 0, 0, 0)),  # room for everything
+    ("sdpa", 2 * WHOLE + 2 * INPUT, (2, 1, 0, 0)),  # layers 0 and 1 keep everything, leaving room for a sum
+    ("sdpa", 6 * INPUT + ATTENTION, (1, 2, 0, 0)),  # the later layers' sums come before a layer's attention
+    ("sdpa", 6 * INPUT, (0, 3, 0, 0)),  # inputs and sums fit, the attention's tensors do not
+    ("sdpa", 5 * INPUT, (0, 2, 1, 0)),
+    ("sdpa", 2 * INPUT, (0, 0, 2, 1)),  # two inputs fit; the last layer keeps its own on the GPU
+    ("sdpa", INPUT / 2, (0, 0, 0, 3)),
+    # eager attention records nothing: the input and the sum are all a layer keeps
+    ("eager", 6 * INPUT, (3, 0, 0, 0)),
+    ("eager", 5 * INPUT, (2, 0, 1, 0)),
+    ("eager", 2 * INPUT, (0, 0, 2, 1)),
 ])
-def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(room, plan):
+def test_the_plan_keeps_every_layers_input_on_the_host_before_any_inner_sum(attn, room, plan):
     from adapter_doctor.runtime import host_plan
 
-    loss, expected = grads(lora_llama())
-    model = lora_llama()
+    loss, expected = grads(lora_llama(attn))
+    model = lora_llama(attn)
     ensure_patched(model)
     enable_offloaded_checkpointing(model, host_memory_gib=room / 2**30)
     got_loss, got = grads(model)

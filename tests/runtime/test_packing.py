@@ -460,6 +460,7 @@ def test_the_probe_of_the_library_answers_as_its_release_masks_rows_of_one_docum
     ("flash_attention_2", {}, False),  # flash-attention would unpad for a mask
     ("sdpa", {"attention_mask": torch.ones(2, 13, dtype=torch.long)}, False),  # the user's mask stays
     ("sdpa", {"past_key_values": object()}, False),  # a cache: the library sizes the mask from it
+    ("sdpa", {"cache_position": torch.arange(13)}, False),  # positions of the caller's: left as they are
 ])
 def test_a_mask_of_ones_is_given_only_where_the_library_would_build_a_causal_one(tiny, monkeypatch, attn, extra,
                                                                                  wanted):
@@ -473,3 +474,13 @@ def test_a_mask_of_ones_is_given_only_where_the_library_would_build_a_causal_one
         assert ones.shape == batch["input_ids"].shape and bool(ones.eq(1).all())
     monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: False)
     assert packing.causal_mask_of_ones(model, batch) is None  # transformers 5: nothing to add
+
+
+def test_a_mask_of_ones_follows_inputs_embeds_and_is_never_given_while_tracing(tiny, monkeypatch):
+    model = tiny.base("llama", attn="sdpa")
+    monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: True)
+    embeds = torch.zeros(3, 5, model.config.hidden_size)
+    ones = packing.causal_mask_of_ones(model, {"inputs_embeds": embeds})
+    assert ones.shape == (3, 5) and ones.device == embeds.device
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert packing.causal_mask_of_ones(model, {"inputs_embeds": embeds}) is None
