@@ -35,12 +35,18 @@ class Documents:
     position_ids: Any  # [rows, seq], restarting at each document
 
 
-def _shape(batch: dict[str, Any]) -> tuple[int, int] | None:
+def _tokens(batch: dict[str, Any]) -> Any:
+    """The batch's input (its ids, or else its embeddings) with rows and positions, or None."""
     for key in ("input_ids", "inputs_embeds"):
         value = batch.get(key)
         if value is not None and getattr(value, "dim", lambda: 0)() >= 2:
-            return int(value.shape[0]), int(value.shape[1])
+            return value
     return None
+
+
+def _shape(batch: dict[str, Any]) -> tuple[int, int] | None:
+    tokens = _tokens(batch)
+    return None if tokens is None else (int(tokens.shape[0]), int(tokens.shape[1]))
 
 
 def _all_ones(mask: Any) -> bool:
@@ -115,13 +121,12 @@ def causal_mask_of_ones(model: Any, batch: dict[str, Any]) -> Any:
     where the attention is not SDPA (flash-attention would unpad for a mask; eager builds one either way)."""
     import torch
 
-    shape = _shape(batch)
-    if shape is None or batch.get("attention_mask") is not None or batch.get("cache_position") is not None \
+    tokens = _tokens(batch)
+    if tokens is None or batch.get("attention_mask") is not None or batch.get("cache_position") is not None \
             or has_cache(batch) or getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" \
             or torch.compiler.is_compiling() or torch.jit.is_tracing() or not _library_masks_single_documents():
         return None
-    device = next(batch[k].device for k in ("input_ids", "inputs_embeds") if batch.get(k) is not None)
-    return torch.ones(shape, dtype=torch.long, device=device)
+    return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 
 
 def with_documents(batch: dict[str, Any], documents: Documents) -> dict[str, Any]:
