@@ -332,7 +332,7 @@ class _Saved:
 def _let_go_all() -> None:
     """Let go of every layer still holding its device tensors, on every device (the step's last layer has run;
     a model split across GPUs leaves the earlier GPUs' last layers unsettled)."""
-    for unsettled in _UNSETTLED.values():
+    for unsettled in list(_UNSETTLED.values()):  # a copy: DataParallel runs replicas in threads
         while unsettled:
             saved = unsettled.popleft()()
             if saved is not None:
