@@ -99,13 +99,18 @@ def _library_masks_single_documents() -> bool:
     """Whether the library builds a full causal mask for rows of one document each when a batch has no attention
     mask and no cache (transformers 4.57: its check for packed sequences never answers "none"), where for a mask
     of ones it builds none and SDPA runs causal by itself. Asked of the library's own check, not its version,
-    once, outside tracing (where 5.x's check answers with a tensor too)."""
+    once, outside tracing (where 5.x's check answers with a tensor too) and outside any mode that makes fake or
+    wrapped tensors (its answer there is not the library's: not kept, and no mask handed)."""
     if not _PROBED:
+        import torch
+
+        positions = torch.arange(4, device="cpu")[None]
+        if type(positions) is not torch.Tensor:  # under FakeTensorMode and the like
+            return False
         try:
-            import torch
             from transformers import masking_utils
 
-            _PROBED.append(masking_utils.find_packed_sequence_indices(torch.arange(4, device="cpu")[None]) is not None)
+            _PROBED.append(masking_utils.find_packed_sequence_indices(positions) is not None)
         except Exception:  # noqa: BLE001 - no such check, or one that cannot run: the library is left as it is
             _PROBED.append(False)
     return _PROBED[0]
@@ -117,14 +122,18 @@ def causal_mask_of_ones(model: Any, batch: dict[str, Any]) -> Any:
     (`_library_masks_single_documents`): an attention mask of ones, with which it hands the full-attention layers
     none, so SDPA runs causal by itself (its fastest kernels, and the layers can keep their attention for a
     checkpoint's replay); sliding-window layers past their window get their mask either way. None where the
-    library needs no help, while compiling or tracing (the library then builds a mask whatever it is given), or
-    where the attention is not SDPA (flash-attention would unpad for a mask; eager builds one either way)."""
+    library needs no help, while compiling or tracing (the library then builds a mask whatever it is given),
+    while a CUDA graph captures the forward (the library reads a mask's values on the host: `mask.all()`, which
+    a capture forbids; it builds its own mask without reading any), or where the attention is not SDPA
+    (flash-attention would unpad for a mask; eager builds one either way)."""
     import torch
 
     tokens = _tokens(batch)
     if tokens is None or batch.get("attention_mask") is not None or batch.get("cache_position") is not None \
             or has_cache(batch) or getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" \
-            or torch.compiler.is_compiling() or torch.jit.is_tracing() or not _library_masks_single_documents():
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            or not _library_masks_single_documents():
         return None
     return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 

@@ -313,3 +313,85 @@ def test_the_default_host_budget_is_most_of_the_available_memory_and_is_returned
 def test_host_memory_gib_must_be_positive(bad):
     with pytest.raises(ValueError, match="host_memory_gib"):
         enable_offloaded_checkpointing(lora_llama(), host_memory_gib=bad)
+
+
+class _FakeCuda:
+    """What _Saved asks of torch.cuda, recorded: streams that log their waits, events, no-op copies."""
+
+    def __init__(self):
+        self.log = []
+        self.compute = self.Stream("compute", self.log)
+        self.side = self.Stream("side", self.log)
+
+    class Stream:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def wait_event(self, event):
+            self.log.append(("wait", self.name, event.layer))
+
+        def wait_stream(self, other):
+            pass
+
+    class Event:
+        def record(self, stream):
+            self.stream = stream
+
+    def install(self, monkeypatch, checkpoint):
+        import collections
+        import contextlib
+
+        made = collections.Counter()
+
+        def event():
+            e = self.Event()
+            e.layer = made["events"]
+            made["events"] += 1
+            return e
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
+        monkeypatch.setattr(torch.cuda, "Event", event)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(checkpoint, "_side_stream", lambda device: self.side)
+        monkeypatch.setattr(checkpoint, "_to_host", lambda t, stream: [(t.clone(), 0)])
+        monkeypatch.setattr(checkpoint, "_after_copies",
+                            lambda tensors, device: self.log.append(("let go", [float(t[0]) for t in tensors])))
+        monkeypatch.setattr(checkpoint, "_UNSETTLED", {})
+        monkeypatch.setattr(checkpoint, "_LAST", {})
+
+
+def test_each_forward_settles_the_layer_two_before_it_and_the_last_lets_the_rest_go(monkeypatch):
+    """The stream ordering of the saved tensors' blocks, on the CPU with a recording stand-in for the CUDA
+    calls (the GPU test above checks the memory it saves): layer i's forward orders the compute stream after
+    the copies of layer i - 2 and drops that layer's tensors; a layer over _HOLD_BYTES, the step's last layer
+    and a layer dropped before its backward hand theirs to the allocator instead, on every device."""
+    from adapter_doctor.runtime import checkpoint
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch, checkpoint)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    size = 1024  # bytes a layer: far under _HOLD_BYTES
+
+    def layer(i, device=cuda0, last=False, elements=size // 4):
+        return checkpoint._Saved([torch.full((elements,), float(i))], device, last=last)
+
+    saved = [layer(i) for i in range(4)]
+    assert fake.log == [("wait", "compute", 0), ("wait", "compute", 1)]  # layers 0 and 1, settled by 2 and 3
+    assert [s.sources is None for s in saved] == [True, True, False, False]
+    other = layer(9, device=cuda1)  # a later GPU of a split model: its own queue
+    assert other.sources is not None and len(fake.log) == 2
+    fake.log.clear()
+    saved.append(layer(4, last=True))  # settles layer 2, then lets 3, the other GPU's and itself go
+    assert fake.log == [("wait", "compute", 2), ("let go", [3.0]), ("let go", [4.0]), ("let go", [9.0])]
+    assert all(s.sources is None for s in saved + [other]) and not any(checkpoint._UNSETTLED.values())
+
+    fake.log.clear()
+    monkeypatch.setattr(checkpoint, "_HOLD_BYTES", size - 1)
+    big = layer(5)  # over the limit: to the allocator at once, never held
+    assert fake.log == [("let go", [5.0])] and big.sources is None
+    monkeypatch.setattr(checkpoint, "_HOLD_BYTES", size)
+    fake.log.clear()
+    abandoned = layer(6)  # a step given up before its backward: its finalizer lets go
+    assert abandoned.sources is not None
+    del abandoned
+    assert fake.log == [("let go", [6.0])]

@@ -454,6 +454,26 @@ def test_the_probe_of_the_library_answers_as_its_release_masks_rows_of_one_docum
     assert packing._library_masks_single_documents() is expected
 
 
+def test_the_probe_under_fake_tensors_answers_no_and_keeps_nothing(monkeypatch):
+    """Under FakeTensorMode the library's check cannot answer for the library: no mask, and the next call
+    outside the mode still asks it."""
+    import transformers
+    import transformers.masking_utils as masking_utils
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(packing, "_PROBED", [])
+    asked = []
+    real = packing._library_masks_single_documents
+
+    with FakeTensorMode():
+        assert real() is False
+    assert packing._PROBED == []
+    check = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: asked.append(p) or check(p))
+    expected = int(transformers.__version__.split(".")[0]) < 5
+    assert real() is expected and len(asked) == 1 and packing._PROBED == [expected]
+
+
 @pytest.mark.parametrize("attn,extra,wanted", [
     ("sdpa", {}, True),
     ("eager", {}, False),  # eager builds its mask either way
@@ -484,3 +504,19 @@ def test_a_mask_of_ones_follows_inputs_embeds_and_is_never_given_while_tracing(t
     assert ones.shape == (3, 5) and ones.device == embeds.device
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     assert packing.causal_mask_of_ones(model, {"inputs_embeds": embeds}) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_mask_of_ones_while_a_cuda_graph_captures(tiny, monkeypatch):
+    """transformers 4.57 reads a mask's values on the host (`mask.all()`), which a capture forbids; with no
+    mask it builds its own without reading any."""
+    model = tiny.base("llama", attn="sdpa")
+    monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: True)
+    batch = {"input_ids": tiny.batch().cuda()}
+    assert packing.causal_mask_of_ones(model, batch) is not None
+    found = []
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        found.append(packing.causal_mask_of_ones(model, batch))
+        torch.zeros(1, device="cuda").add_(1)  # a graph with one node
+    assert found == [None]
