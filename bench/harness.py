@@ -25,6 +25,9 @@ OTHER_SHAPES = {
     "gemma3-4b": ("gemma3_text", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
                                       sliding_window=1024)),  # Gemma 3 4B's text model
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                               tie_word_embeddings=False)),  # Qwen3-8B: q/k norms before RoPE
     "phi3-mini": ("phi3", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                                num_key_value_heads=32, vocab_size=32064)),  # Phi-3-mini: fused qkv and gate_up
     "gemma3-tiny": ("gemma3_text", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,

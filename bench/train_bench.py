@@ -6,7 +6,7 @@
 
 Random-initialised Llama of a real shape (harness.SHAPES: 1b = Llama-3.2-1B, 3b = Llama-3.2-3B, 8b =
 Llama-3.1-8B; `tiny` for a CPU smoke run), or another architecture of the spec table (harness.OTHER_SHAPES:
-gemma3-4b, phi3-mini with its fused projections, and their -tiny), LoRA r=16 on all seven linear projections
+gemma3-4b, qwen3-8b, phi3-mini with its fused projections, and the -tiny ones), LoRA r=16 on all seven linear
 (Phi-3's four fused ones), bf16, SDPA attention, AdamW. Variants: `hf` (HF + PEFT), `liger` (HF + PEFT with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused
 linear cross-entropy, applied before the model is built), `ours` (HF + PEFT, then `ensure_patched`),
 `unsloth` (`FastLanguageModel` on the checkpoint, its own checkpointing with --gc). bench/compare.py runs each

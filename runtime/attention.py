@@ -36,12 +36,15 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
         q, k, v = _project_qkv(self, opts, hidden_states, kernels, values=False)
         cos, sin = position_embeddings
         kept, operator = recorded
-        output = saved_attention.replay(q, k, v, cos, sin, self.scaling, kernels.rope, operator, kept)
+        norms = (self.q_norm, self.k_norm) if opts.qk_norm else None
+        output = saved_attention.replay(q, k, v, cos, sin, self.scaling, kernels.rope, operator, kept, norms)
         return output_projection(self.o_proj, output, kernels), None
     query, key, value = (t.view(hidden_shape) for t in _project_qkv(self, opts, hidden_states, kernels))
     value = value.transpose(1, 2)
+    before_norms = normed = None
     if opts.qk_norm:
-        query, key = self.q_norm(query), self.k_norm(key)
+        before_norms = query, key
+        query, key = normed = self.q_norm(query), self.k_norm(key)
     cos, sin = position_embeddings
     query, key = _rope(kernels, query.transpose(1, 2), key.transpose(1, 2), cos, sin)
 
@@ -56,12 +59,12 @@ def attention_forward(self: Any, ctx: Context, hidden_states: Any, position_embe
         causal = getattr(self, "is_causal", True) and kwargs.get("is_causal") is not False
         operator = saved_attention.backend(
             query, key, value, scale=self.scaling, implementation=implementation, mask=attention_mask, cache=cache,
-            dropout=dropout, packed=documents is not None, causal=causal, extra=extra, qk_norm=opts.qk_norm,
-            rotary=cos.shape[-1])
+            dropout=dropout, packed=documents is not None, causal=causal, extra=extra, rotary=cos.shape[-1],
+            norms_in_the_way=before_norms is not None and _in_the_way(self, before_norms, normed))
         if operator is None:
             tape.record_attention([], "")
         else:
-            output, kept = saved_attention.record(operator, query, key, value, self.scaling)
+            output, kept = saved_attention.record(operator, query, key, value, self.scaling, before_norms)
             tape.record_attention(kept, operator)
             return output_projection(self.o_proj, output.reshape(*input_shape, -1), kernels), None
     if documents is not None and key.shape[-2] == query.shape[-2] and "flash" not in (implementation or "") \
@@ -104,6 +107,15 @@ def _rope(kernels: Any, query: Any, key: Any, cos: Any, sin: Any) -> tuple[Any, 
 
     q_rot, k_rot = kernels.rope(query[..., :rotary], key[..., :rotary], cos, sin)
     return torch.cat((q_rot, query[..., rotary:]), dim=-1), torch.cat((k_rot, key[..., rotary:]), dim=-1)
+
+
+def _in_the_way(module: Any, before: tuple[Any, Any], after: tuple[Any, Any]) -> bool:
+    """Whether the q/k norms keep the replay from skipping them: weights that train (the recorded attention's
+    backward hands them no gradient), or a norm that gave back its input's storage (RoPE then rotated the
+    tensors that would be recorded)."""
+    if any(p.requires_grad for m in (module.q_norm, module.k_norm) for p in m.parameters()):
+        return True
+    return any(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for a, b in zip(after, before))
 
 
 def _read(module: Any, attr: str) -> Any:

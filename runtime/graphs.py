@@ -401,7 +401,8 @@ class LayerGraphs:
             if call is None:
                 raise Ungraphable(why)
             parts = None if self.recorded is None else parts_key(current_parts(self.recorded))  # None: not known yet
-            return call.key, tensor_key(hidden), layer_key(self.layer, False, hidden.device), parts
+            # With which parameters train: a layer records its attention only where its q/k norms do not
+            return call.key, tensor_key(hidden), layer_key(self.layer, True, hidden.device), parts
 
         def body(inputs: list[Any]) -> tuple:
             if call is None:

@@ -131,9 +131,8 @@ def causal_mask_of_ones(model: Any, batch: dict[str, Any]) -> Any:
     tokens = _tokens(batch)
     if tokens is None or batch.get("attention_mask") is not None or batch.get("cache_position") is not None \
             or has_cache(batch) or getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" \
-            or torch.compiler.is_compiling() or torch.jit.is_tracing() \
-            or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()) \
-            or not _library_masks_single_documents():
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or not _library_masks_single_documents() \
+            or (tokens.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return None
     return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 

@@ -9,7 +9,10 @@ which returns the log-sum-exp as well, and keeps those five tensors (`record`): 
 8B shapes, held (on the host, by `checkpoint.py`) where the layer's input and residual sum already are. The
 replay (`replay`) then gives the projections gradient-only placeholders and a Function whose value is the
 recorded output and whose backward is the attention's, computed by the operator's own backward from the
-recorded tensors, with RoPE's transpose applied to dq and dk.
+recorded tensors, with RoPE's transpose applied to dq and dk. Where per-head norms sit between the projections
+and RoPE (Qwen3, Gemma 3), q and k are kept before their norms instead, the same bytes: the backward norms and
+rotates them again (elementwise work, no GEMM) and takes dq and dk through the norms' own backward. Norms whose
+parameters train keep the replay as it was, since this Function would not hand their gradients back.
 
 The operator is the one SDPA itself picks for the call (`torch._fused_sdp_choice`): cuDNN's or flash attention's
 on CUDA, the CPU's flash kernel on the CPU; a call SDPA would send elsewhere (memory-efficient, math) runs again
@@ -22,22 +25,22 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-COUNT = 5  # tensors recorded per attention call: q and k after RoPE, v, the output, the log-sum-exp
+COUNT = 5  # tensors recorded per attention call: q and k (after RoPE, or before q/k norms), v, the output, the LSE
 
 
 def backend(query: Any, key: Any, value: Any, *, scale: float, implementation: str | None, mask: Any,
-            cache: Any, dropout: float, packed: bool, causal: bool, extra: dict, qk_norm: bool,
+            cache: Any, dropout: float, packed: bool, causal: bool, extra: dict, norms_in_the_way: bool,
             rotary: int) -> str | None:
     """The operator that records the attention call on these [batch, heads, seq, dim] tensors ("flash" or
     "cudnn"), or None where it runs again in the replay. It records where the library would run causal SDPA
     over whole rows on a backend whose operator returns the log-sum-exp, and the replay can rebuild dq and dk
-    from the recorded tensors alone (no norm between the projections and RoPE, RoPE over the whole head)."""
+    from the recorded tensors alone (no q/k norm in the way, see attention.py; RoPE over the whole head)."""
     import torch
     from torch.nn.attention import SDPBackend
 
     if implementation != "sdpa" or mask is not None or cache is not None or dropout or packed or not causal:
         return None
-    if any(v is not None for v in extra.values()) or qk_norm or rotary != query.shape[-1]:
+    if any(v is not None for v in extra.values()) or norms_in_the_way or rotary != query.shape[-1]:
         return None
     if query.shape[-2] != key.shape[-2] or query.shape[-2] < 2 or query.shape[1] % key.shape[1]:
         return None
@@ -99,13 +102,15 @@ def _backward(backend: str, grad: Any, query: Any, key: Any, value: Any, out: An
         grad, query, key, value, out, lse, None, None, seq, seq, 0.0, True, unused, unused, scale=scale)
 
 
-def record(backend: str, query: Any, key: Any, value: Any, scale: float) -> tuple[Any, list[Any]]:
+def record(backend: str, query: Any, key: Any, value: Any, scale: float,
+           before_norms: tuple[Any, Any] | None = None) -> tuple[Any, list[Any]]:
     """(the attention output as the library returns it, [batch, seq, heads, dim]; the tensors to record), by the
-    operator `backend` names."""
+    operator `backend` names. `before_norms`: q and k as the projections gave them ([batch, seq, heads, dim]),
+    kept instead of `query` and `key` where per-head norms came between."""
     out, lse = _forward(backend, query, key, value, scale)
     # Kept in [batch, seq, heads, dim] order, which is how the projections laid them out: no copies.
-    return out.transpose(1, 2), [query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                 out.transpose(1, 2), lse]
+    q, k = before_norms or (query.transpose(1, 2), key.transpose(1, 2))
+    return out.transpose(1, 2), [q, k, value.transpose(1, 2), out.transpose(1, 2), lse]
 
 
 @functools.cache
@@ -119,9 +124,10 @@ def _function() -> type:
 
         @staticmethod
         def forward(ctx: Any, q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, backend: str,
-                    *recorded: Any) -> Any:
+                    norms: tuple[Any, Any] | None, *recorded: Any) -> Any:
             ctx.save_for_backward(cos, sin, *recorded)
             ctx.scale, ctx.rope, ctx.backend, ctx.shapes = scale, rope, backend, (q.shape, k.shape, v.shape)
+            ctx.norms = norms
             out = recorded[3]
             return out.reshape(*out.shape[:2], -1)
 
@@ -129,20 +135,31 @@ def _function() -> type:
         @once_differentiable
         def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
             cos, sin, query, key, value, out, lse = ctx.saved_tensors
+            if ctx.norms is not None:  # kept before the norms: normed (with their graph) and rotated again
+                with torch.enable_grad():
+                    before = [t.detach().requires_grad_() for t in (query, key)]
+                    normed = [norm(t) for norm, t in zip(ctx.norms, before)]
+                # Copies: the Triton RoPE rotates in place, and the norms' graph must keep its outputs as made.
+                query, key = (t.transpose(1, 2) for t in ctx.rope(
+                    *(n.detach().transpose(1, 2).clone() for n in normed), cos, sin))
             grad = grad.reshape(out.shape).transpose(1, 2)
             dq, dk, dv = _backward(ctx.backend, grad, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                    out.transpose(1, 2), lse, ctx.scale)
             # RoPE's transpose is the rotation by minus the angle: cos and sin repeat across the head's two
             # halves (kernels/rope.py), so the rotation by -sin is the kernel's backward rotation.
             dq, dk = ctx.rope(dq, dk, cos, -sin)
+            if ctx.norms is not None:
+                dq, dk = (g.transpose(1, 2) for g in torch.autograd.grad(
+                    normed, before, [g.transpose(1, 2) for g in (dq, dk)]))
             grads = [g.transpose(1, 2).reshape(shape) for g, shape in zip((dq, dk, dv), ctx.shapes)]
-            return (*grads, None, None, None, None, None, *[None] * COUNT)
+            return (*grads, None, None, None, None, None, None, *[None] * COUNT)
 
     return RecordedAttention
 
 
 def replay(q: Any, k: Any, v: Any, cos: Any, sin: Any, scale: float, rope: Any, backend: str,
-           recorded: Sequence[Any]) -> Any:
+           recorded: Sequence[Any], norms: tuple[Any, Any] | None = None) -> Any:
     """The attention output `backend`'s operator recorded, [batch, seq, heads · dim], as a function of the
-    projections' outputs `q`, `k`, `v` ([batch, seq, heads · dim], before RoPE; their values are not read)."""
-    return _function().apply(q, k, v, cos, sin, scale, rope, backend, *recorded)
+    projections' outputs `q`, `k`, `v` ([batch, seq, heads · dim], before RoPE; their values are not read).
+    `norms`: the q and k norms between the projections and RoPE, whose inputs were recorded (`record`)."""
+    return _function().apply(q, k, v, cos, sin, scale, rope, backend, norms, *recorded)

@@ -316,7 +316,8 @@ def test_host_memory_gib_must_be_positive(bad):
 
 
 class _FakeCuda:
-    """What _Saved asks of torch.cuda, recorded: streams that log their waits, events, no-op copies."""
+    """What _Saved asks of torch.cuda, recorded: streams that log their waits, events that know their stream
+    and the order they were made in, copies to the host that clone."""
 
     def __init__(self):
         self.log = []
@@ -328,36 +329,37 @@ class _FakeCuda:
             self.name, self.log = name, log
 
         def wait_event(self, event):
-            self.log.append(("wait", self.name, event.layer))
+            self.log.append(("wait", self.name, event.index))
 
         def wait_stream(self, other):
-            pass
+            self.log.append(("after", self.name, other.name))
 
     class Event:
         def record(self, stream):
             self.stream = stream
 
     def install(self, monkeypatch, checkpoint):
-        import collections
-        import contextlib
+        import itertools
 
-        made = collections.Counter()
+        made = itertools.count()
 
         def event():
             e = self.Event()
-            e.layer = made["events"]
-            made["events"] += 1
+            e.index = next(made)
             return e
 
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
         monkeypatch.setattr(torch.cuda, "Event", event)
-        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
         monkeypatch.setattr(checkpoint, "_side_stream", lambda device: self.side)
         monkeypatch.setattr(checkpoint, "_to_host", lambda t, stream: [(t.clone(), 0)])
-        monkeypatch.setattr(checkpoint, "_after_copies",
-                            lambda tensors, device: self.log.append(("let go", [float(t[0]) for t in tensors])))
+        monkeypatch.setattr(checkpoint, "_after_copies", lambda tensors, device: self.log.append(
+            ("let go", device.index, [float(t[0]) for t in tensors])))
         monkeypatch.setattr(checkpoint, "_UNSETTLED", {})
         monkeypatch.setattr(checkpoint, "_LAST", {})
+
+    def waits(self):
+        """The log without the side stream's waits for the compute stream (checked once, below)."""
+        return [entry for entry in self.log if entry != ("after", "side", "compute")]
 
 
 def test_each_forward_settles_the_layer_two_before_it_and_the_last_lets_the_rest_go(monkeypatch):
@@ -372,26 +374,29 @@ def test_each_forward_settles_the_layer_two_before_it_and_the_last_lets_the_rest
     cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
     size = 1024  # bytes a layer: far under _HOLD_BYTES
 
-    def layer(i, device=cuda0, last=False, elements=size // 4):
-        return checkpoint._Saved([torch.full((elements,), float(i))], device, last=last)
+    def layer(i, device=cuda0, last=False):
+        return checkpoint._Saved([torch.full((size // 4,), float(i))], device, last=last)
 
-    saved = [layer(i) for i in range(4)]
-    assert fake.log == [("wait", "compute", 0), ("wait", "compute", 1)]  # layers 0 and 1, settled by 2 and 3
+    saved = [layer(i) for i in range(4)]  # events 0 to 3, each recorded on the side stream after the compute
+    assert fake.log.count(("after", "side", "compute")) == 4
+    assert all(s.copied.stream is fake.side for s in saved)
+    assert fake.waits() == [("wait", "compute", 0), ("wait", "compute", 1)]  # layers 0 and 1, by 2 and 3
     assert [s.sources is None for s in saved] == [True, True, False, False]
-    other = layer(9, device=cuda1)  # a later GPU of a split model: its own queue
-    assert other.sources is not None and len(fake.log) == 2
+    other = layer(9, device=cuda1)  # a later GPU of a split model: its own queue (event 4)
+    assert other.sources is not None and len(fake.waits()) == 2
     fake.log.clear()
-    saved.append(layer(4, last=True))  # settles layer 2, then lets 3, the other GPU's and itself go
-    assert fake.log == [("wait", "compute", 2), ("let go", [3.0]), ("let go", [4.0]), ("let go", [9.0])]
+    saved.append(layer(4, last=True))  # settles layer 2, then lets 3, itself and the other GPU's go
+    assert fake.waits() == [("wait", "compute", 2), ("let go", 0, [3.0]), ("let go", 0, [4.0]),
+                            ("let go", 1, [9.0])]
     assert all(s.sources is None for s in saved + [other]) and not any(checkpoint._UNSETTLED.values())
 
     fake.log.clear()
     monkeypatch.setattr(checkpoint, "_HOLD_BYTES", size - 1)
     big = layer(5)  # over the limit: to the allocator at once, never held
-    assert fake.log == [("let go", [5.0])] and big.sources is None
+    assert fake.waits() == [("let go", 0, [5.0])] and big.sources is None
     monkeypatch.setattr(checkpoint, "_HOLD_BYTES", size)
     fake.log.clear()
     abandoned = layer(6)  # a step given up before its backward: its finalizer lets go
     assert abandoned.sources is not None
     del abandoned
-    assert fake.log == [("let go", [6.0])]
+    assert fake.waits() == [("let go", 0, [6.0])]

@@ -8,8 +8,8 @@ from adapter_doctor.runtime import enable_offloaded_checkpointing, ensure_patche
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def model_on_gpu(tiny, graphs, dtype=torch.float32, **overrides):
-    model = tiny.lora(tiny.base(attn="sdpa", num_hidden_layers=3, **overrides)).cuda().to(dtype)
+def model_on_gpu(tiny, graphs, dtype=torch.float32, arch="llama", **overrides):
+    model = tiny.lora(tiny.base(arch, attn="sdpa", num_hidden_layers=3, **overrides)).cuda().to(dtype)
     ensure_patched(model)
     enable_offloaded_checkpointing(model, cuda_graphs=graphs)
     return model
@@ -32,9 +32,9 @@ def train(model, batches, changes=None):
     return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def same_training(tiny, batches, changes=None, dtype=torch.float32, **overrides):
-    eager = train(model_on_gpu(tiny, False, dtype, **overrides), batches, changes)
-    model = model_on_gpu(tiny, True, dtype, **overrides)
+def same_training(tiny, batches, changes=None, dtype=torch.float32, arch="llama", **overrides):
+    eager = train(model_on_gpu(tiny, False, dtype, arch, **overrides), batches, changes)
+    model = model_on_gpu(tiny, True, dtype, arch, **overrides)
     graphed = train(model, batches, changes)
     assert torch.allclose(graphed[0], eager[0], rtol=1e-6, atol=0), (graphed[0], eager[0])
     for name, weight in eager[1].items():
@@ -53,14 +53,15 @@ def test_graphed_layers_train_as_eager_ones(tiny):
     assert stats.eager == {"first call of its signature": 6}, stats
 
 
-def test_graphed_layers_that_record_their_attention_train_as_eager_ones(tiny, monkeypatch):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: recorded before its q/k norms
+def test_graphed_layers_that_record_their_attention_train_as_eager_ones(tiny, monkeypatch, model_type):
     # bf16: the layers' first forwards record their attention (saved_attention.py), which the graphs replay
     from adapter_doctor.runtime import saved_attention
 
     recorded = []
     real = saved_attention.record
     monkeypatch.setattr(saved_attention, "record", lambda *a: recorded.append(1) or real(*a))
-    stats = same_training(tiny, [batch(tiny, s) for s in range(5)], dtype=torch.bfloat16)
+    stats = same_training(tiny, [batch(tiny, s) for s in range(5)], dtype=torch.bfloat16, arch=model_type)
     assert stats.captured == 6 and stats.replayed == 6 * 4, stats
     assert len(recorded) == 3 * 5 + 3 * 3  # eager: every forward; graphed: the eager two, warm-up and capture
 

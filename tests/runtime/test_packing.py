@@ -66,8 +66,8 @@ def collate(kind, docs):
 
 
 def test_the_collators_ignore_each_documents_first_target():
-    """What the collators hand over. TRL before 0.24 (the release Unsloth 2025.11 pairs with) leaves each
-    document's first target in, beside an attention mask of ones: the runtime ignores those targets itself
+    """What the collators hand over. TRL 0.23 (the release Unsloth 2025.11 installs) leaves each document's
+    first target in, beside an attention mask of ones: the runtime ignores those targets itself
     (`test_every_collator_and_cache_setting` passes on it). TRL adds `cu_seq_lens_*` from 1.16."""
     docs = documents()
     starts = torch.tensor([0, 50, 80])
@@ -475,12 +475,11 @@ def test_the_probe_under_fake_tensors_answers_no_and_keeps_nothing(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setattr(packing, "_PROBED", [])
-    asked = []
     real = packing._library_masks_single_documents
-
     with FakeTensorMode():
         assert real() is False
     assert packing._PROBED == []
+    asked = []
     check = masking_utils.find_packed_sequence_indices
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: asked.append(p) or check(p))
     expected = int(transformers.__version__.split(".")[0]) < 5
@@ -519,6 +518,20 @@ def test_a_mask_of_ones_follows_inputs_embeds_and_is_never_given_while_tracing(t
     assert packing.causal_mask_of_ones(model, {"inputs_embeds": embeds}) is None
 
 
+def test_no_mask_of_ones_for_cuda_tokens_while_the_stream_captures(tiny, monkeypatch):
+    """The capture check on the CPU: fake CUDA tokens, and the capture state as torch.cuda would report it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = tiny.base("llama", attn="sdpa")
+    monkeypatch.setattr(packing, "_library_masks_single_documents", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with FakeTensorMode():
+        batch = {"input_ids": torch.empty(2, 5, dtype=torch.long, device="cuda")}
+        for capturing in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda state=capturing: state)
+            assert (packing.causal_mask_of_ones(model, batch) is None) is capturing
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_mask_of_ones_while_a_cuda_graph_captures(tiny, monkeypatch):
@@ -532,4 +545,4 @@ def test_no_mask_of_ones_while_a_cuda_graph_captures(tiny, monkeypatch):
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         found.append(packing.causal_mask_of_ones(model, batch))
         torch.zeros(1, device="cuda").add_(1)  # a graph with one node
-    assert found == [None]
+    assert found[0] is None

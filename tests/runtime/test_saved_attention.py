@@ -26,7 +26,7 @@ def rotary(seq=S, dim=D):
 def plain(scale, dim=D):
     """The keywords of a call that records: causal SDPA over whole rows, RoPE over the whole head."""
     return dict(scale=scale, implementation="sdpa", mask=None, cache=None, dropout=0.0, packed=False, causal=True,
-                extra={}, qk_norm=False, rotary=dim)
+                extra={}, norms_in_the_way=False, rotary=dim)
 
 
 def heads(t, n):
@@ -70,7 +70,7 @@ def test_what_is_recorded_and_what_runs_again():
     for change in [dict(implementation="eager"), dict(implementation="flash_attention_2"),
                    dict(mask=torch.zeros(1)), dict(cache=object()), dict(dropout=0.1), dict(packed=True),
                    dict(causal=False), dict(extra={"sliding_window": 8}), dict(extra={"softcap": 50.0}),
-                   dict(qk_norm=True), dict(rotary=D // 2)]:
+                   dict(norms_in_the_way=True), dict(rotary=D // 2)]:
         assert saved_attention.backend(q, k, k, **{**call, **change}) is None, change
     assert saved_attention.backend(q, k, k, **{**call, "extra": {"sliding_window": None}}) == "flash"
     assert saved_attention.backend(q, torch.zeros(B, 3, S, D), k, **call) is None  # 4 heads do not group by 3
@@ -101,10 +101,10 @@ def grads(model, ids):
 MODELS = {  # arch, overrides, how many of its two layers record their attention
     "llama": ("llama", {}, 2),
     "mistral": ("mistral", {}, 0),  # a window of 8 over 13 tokens
-    "qwen3": ("qwen3", {}, 0),  # q/k norms between the projections and RoPE
+    "qwen3": ("qwen3", {}, 2),  # q/k norms between the projections and RoPE: kept before them
     "phi3-whole-rotary": ("phi3", {"partial_rotary_factor": 1.0, "sliding_window": None}, 2),  # fused qkv_proj
     "phi3": ("phi3", {}, 0),  # half the head rotates
-    "gemma3": ("gemma3_text", {}, 0),  # q/k norms too
+    "gemma3": ("gemma3_text", {}, 1),  # q/k norms too; its first layer has a window
     "gemma": ("gemma", {}, 2),
     "qwen2": ("qwen2", {}, 1),  # its first layer has a window of 8
 }
@@ -116,7 +116,12 @@ def test_checkpointed_layers_that_record_their_attention_train_as_plain_layers(t
     arch, overrides, records = MODELS[name]
 
     def model():
-        return tiny.lora(tiny.base(arch, attn="sdpa", **overrides))
+        m = tiny.lora(tiny.base(arch, attn="sdpa", **overrides))
+        generator = torch.Generator().manual_seed(1)
+        for name, p in m.named_parameters():  # q/k norms unlike each other and unlike ones, as trained ones are
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.data.uniform_(0.5, 1.5, generator=generator)
+        return m
 
     ids = tiny.batch()
     expected = grads(model(), ids)
@@ -157,6 +162,54 @@ def test_the_replay_of_a_recorded_attention_runs_no_projection_gemm_but_the_mlps
     loss.backward()
     replayed = ["gate_proj", "up_proj"]
     assert sorted(n for n in used if n) == sorted(replayed * 2)  # per layer: the MLP's inputs (and q/k/v's)
+
+
+def test_q_k_norms_that_train_keep_the_replay_and_get_their_gradients(tiny, monkeypatch):
+    """The recorded attention's backward hands gradients to q, k and v only: where the q/k norms' own weights
+    train, the layer records nothing and its replay runs the attention again, so they get theirs."""
+    def model():
+        m = tiny.lora(tiny.base("qwen3", attn="sdpa"))
+        for name, p in m.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.requires_grad_(True)
+        return m
+
+    ids = tiny.batch()
+    expected = grads(model(), ids)
+    assert any("q_norm" in n for n in expected)
+    patched = model()
+    ensure_patched(patched)
+    enable_offloaded_checkpointing(patched)
+    recorded = []
+    real = saved_attention.record
+    monkeypatch.setattr(saved_attention, "record", lambda *a, **k: recorded.append(1) or real(*a, **k))
+    got = grads(patched, ids)
+    assert not recorded and got.keys() == expected.keys()
+    for n, g in expected.items():
+        assert torch.allclose(got[n], g, rtol=1e-4, atol=1e-6), n
+
+
+def test_q_k_norms_that_hand_back_their_input_keep_the_replay(tiny, monkeypatch):
+    """A norm that returns its input's storage lets RoPE rotate the tensors that would be recorded before it:
+    such a layer records nothing, and trains as a plain one."""
+    def model():
+        m = tiny.lora(tiny.base("qwen3", attn="sdpa"))
+        for layer in m.get_base_model().model.layers:
+            layer.self_attn.q_norm, layer.self_attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
+        return m
+
+    ids = tiny.batch()
+    expected = grads(model(), ids)
+    patched = model()
+    ensure_patched(patched)
+    enable_offloaded_checkpointing(patched)
+    recorded = []
+    real = saved_attention.record
+    monkeypatch.setattr(saved_attention, "record", lambda *a, **k: recorded.append(1) or real(*a, **k))
+    got = grads(patched, ids)
+    assert not recorded and got.keys() == expected.keys()
+    for n, g in expected.items():
+        assert torch.allclose(got[n], g, rtol=1e-4, atol=1e-6), n
 
 
 def test_where_the_host_holds_the_sums_but_not_the_attention_the_replay_runs_it(tiny, monkeypatch):
@@ -217,7 +270,9 @@ def test_on_the_gpu_the_replay_has_the_gradients_of_flash_sdpa_with_the_triton_r
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_layers_that_record_their_attention_train_as_layers_that_recompute_it(tiny, monkeypatch):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: kept before its q/k norms
+def test_on_the_gpu_layers_that_record_their_attention_train_as_layers_that_recompute_it(tiny, monkeypatch,
+                                                                                         model_type):
     ids = [tiny.batch(seed=s).cuda() for s in range(4)]
 
     def train(record: bool):
@@ -226,7 +281,7 @@ def test_on_the_gpu_layers_that_record_their_attention_train_as_layers_that_reco
         recorded = []
         real = saved_attention.record
         monkeypatch.setattr(saved_attention, "record", lambda *a: recorded.append(1) or real(*a))
-        model = tiny.lora(tiny.base(attn="sdpa", num_hidden_layers=3)).cuda().to(torch.bfloat16)
+        model = tiny.lora(tiny.base(model_type, attn="sdpa", num_hidden_layers=3)).cuda().to(torch.bfloat16)
         ensure_patched(model)
         enable_offloaded_checkpointing(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
