@@ -65,6 +65,12 @@ def collate(kind, docs):
     return trl.DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(features)
 
 
+def trl_release() -> tuple[int, int]:
+    import trl
+
+    return tuple(int(part) for part in trl.__version__.split(".")[:2])
+
+
 def test_the_collators_ignore_each_documents_first_target():
     """What the collators hand over. TRL 0.23 (the release Unsloth 2025.11 installs) leaves each document's
     first target in, beside an attention mask of ones: the runtime ignores those targets itself
@@ -82,12 +88,6 @@ def test_the_collators_ignore_each_documents_first_target():
             assert "attention_mask" not in batch
         assert batch["position_ids"][0, starts].tolist() == [0, 0, 0]
     assert ({"cu_seq_lens_q", "max_length_q"} <= set(collate("trl", docs))) == (trl_release() >= (1, 16))
-
-
-def trl_release() -> tuple[int, int]:
-    import trl
-
-    return tuple(int(part) for part in trl.__version__.split(".")[:2])
 
 
 def test_packed_batch_equals_the_documents_alone(tiny, arch_attn):

@@ -164,42 +164,31 @@ def test_the_replay_of_a_recorded_attention_runs_no_projection_gemm_but_the_mlps
     assert sorted(n for n in used if n) == sorted(replayed * 2)  # per layer: the MLP's inputs (and q/k/v's)
 
 
-def test_q_k_norms_that_train_keep_the_replay_and_get_their_gradients(tiny, monkeypatch):
-    """The recorded attention's backward hands gradients to q, k and v only: where the q/k norms' own weights
-    train, the layer records nothing and its replay runs the attention again, so they get theirs."""
+def train_the_norms(model):
+    for name, p in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.requires_grad_(True)
+
+
+def norms_that_hand_back_their_input(model):
+    for layer in model.get_base_model().model.layers:
+        layer.self_attn.q_norm, layer.self_attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
+
+
+@pytest.mark.parametrize("change", [train_the_norms, norms_that_hand_back_their_input])
+def test_q_k_norms_in_the_way_keep_the_replay(tiny, monkeypatch, change):
+    """The recorded attention's backward hands gradients to q, k and v only, so where the q/k norms' own weights
+    train the layer records nothing and its replay runs the attention again, and they get theirs; a norm that
+    returns its input's storage would let RoPE rotate the tensors recorded before it, so it records nothing
+    either. Both train as plain layers."""
     def model():
         m = tiny.lora(tiny.base("qwen3", attn="sdpa"))
-        for name, p in m.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.requires_grad_(True)
+        change(m)
         return m
 
     ids = tiny.batch()
     expected = grads(model(), ids)
-    assert any("q_norm" in n for n in expected)
-    patched = model()
-    ensure_patched(patched)
-    enable_offloaded_checkpointing(patched)
-    recorded = []
-    real = saved_attention.record
-    monkeypatch.setattr(saved_attention, "record", lambda *a, **k: recorded.append(1) or real(*a, **k))
-    got = grads(patched, ids)
-    assert not recorded and got.keys() == expected.keys()
-    for n, g in expected.items():
-        assert torch.allclose(got[n], g, rtol=1e-4, atol=1e-6), n
-
-
-def test_q_k_norms_that_hand_back_their_input_keep_the_replay(tiny, monkeypatch):
-    """A norm that returns its input's storage lets RoPE rotate the tensors that would be recorded before it:
-    such a layer records nothing, and trains as a plain one."""
-    def model():
-        m = tiny.lora(tiny.base("qwen3", attn="sdpa"))
-        for layer in m.get_base_model().model.layers:
-            layer.self_attn.q_norm, layer.self_attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
-        return m
-
-    ids = tiny.batch()
-    expected = grads(model(), ids)
+    assert any("q_norm" in n for n in expected) == (change is train_the_norms)
     patched = model()
     ensure_patched(patched)
     enable_offloaded_checkpointing(patched)
