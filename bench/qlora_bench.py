@@ -121,18 +121,25 @@ def site(frames: list[dict]) -> str:
     return "(no python frame)"
 
 
-def cuda_ms(fn, repeat: int = 20) -> float:
+def cuda_ms(fn, repeat: int = 20, trials: int = 5) -> float:
+    """GPU ms per call of `fn`: the median over `trials` of `repeat` back-to-back calls, queued behind a GPU
+    busy-wait so that the host's cost of each call (a launch from Python, about as long as a dequantization)
+    is hidden and the events time the GPU's work alone."""
     import torch
 
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / repeat, 4)
+    times = []
+    for _ in range(trials):
+        torch.cuda._sleep(repeat * 200_000)  # ~0.1 ms of GPU time a call: longer than the host takes to queue one
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / repeat)
+    return round(sorted(times)[trials // 2], 4)
 
 
 def time_kernels(tokens: int = 4096, inp: int = 4096, out: int = 14336) -> dict:
