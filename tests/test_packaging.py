@@ -33,10 +33,13 @@ def test_installed_package_maps_the_repository_folders():
 
 
 def test_no_top_level_module_of_ours_is_importable(tmp_path):
-    # Run from an empty folder so the working directory cannot put the repository on sys.path.
-    code = ("import importlib.util, sys; "
+    # Run from an empty folder so the working directory cannot put the repository on sys.path. A module of that
+    # name from elsewhere (transformers 5.25 installs a `kernels` package, into a virtualenv that may sit inside
+    # the repository) is not ours: only the repository's own folders count.
+    code = ("import importlib.util, os, sys; "
             "print([n for n in ('kernels', 'runtime', 'fixers', 'doctor') "
-            "if (s := importlib.util.find_spec(n)) and s.origin and s.origin.startswith(sys.argv[1])])")
+            "if (s := importlib.util.find_spec(n)) and s.origin "
+            "and s.origin.startswith(os.path.join(sys.argv[1], n, ''))])")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.util.find_spec("adapter_doctor") is not None

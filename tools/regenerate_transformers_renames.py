@@ -238,6 +238,9 @@ class Builder:
                 extra = self.rules(stmt.value)
                 if extra is not None:
                     self.local[target.id] += extra
+        elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and \
+                isinstance(stmt.value.func, ast.Attribute) and stmt.value.func.attr in ("append", "extend"):
+            self.grow(stmt.value)
         elif isinstance(stmt, ast.If):
             self.run(stmt.body)  # e.g. `if hasattr(torch..., "weight_norm")`: the branch a current torch takes
         elif isinstance(stmt, ast.For) and isinstance(stmt.iter, ast.Call) and _call_name(stmt.iter) == "items":
@@ -259,6 +262,19 @@ class Builder:
             rules = self.rules(value)
             if rules is not None:
                 self.local[target.id] = rules
+
+    def grow(self, call: ast.Call) -> None:
+        """`mapping[key].append(rule)` or `.extend(rules)` (transformers 5.25's minicpm5_moe), on the mapping or a
+        local list; an argument we cannot follow stays visible as opaque."""
+        owner, one = call.func.value, call.func.attr == "append"  # type: ignore[attr-defined]
+        extra = (self.element(call.args[0]) if one else self.rules(call.args[0])) if len(call.args) == 1 else None
+        extra = extra or [{"opaque": "?"}]
+        if isinstance(owner, ast.Subscript) and self._is_mapping(owner.value):
+            key = self._key(owner.slice)
+            if key is not None:
+                self.mapping[key] = self.mapping.get(key, []) + extra
+        elif isinstance(owner, ast.Name) and owner.id in self.local:
+            self.local[owner.id] += extra
 
     def alias_loop(self) -> None:
         """`for model_type, base in _MODEL_TO_CONVERSION_PATTERN.items(): mapping[model_type] = mapping[base]`."""

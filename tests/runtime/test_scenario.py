@@ -9,6 +9,7 @@ the patcher's own model too. The real packages run the same scenario on a GPU: t
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,9 +59,12 @@ CLEAN = textwrap.dedent('''
 
 
 def clean_run(base_dir, adapter_dir, out) -> dict:
-    """The same step in a process the patcher never touched."""
-    subprocess.run([sys.executable, "-c", CLEAN, str(base_dir), str(adapter_dir), str(out)], check=True,
-                   capture_output=True)
+    """The same step in a process the patcher never touched. It runs from the output's folder: from the repository
+    root, `-c` would put the root on sys.path, where our `kernels/` folder hides the `kernels` package that
+    transformers 5.25 imports."""
+    proc = subprocess.run([sys.executable, "-c", CLEAN, str(base_dir), str(adapter_dir), str(out)],
+                          cwd=Path(out).parent, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
 

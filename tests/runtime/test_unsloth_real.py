@@ -178,7 +178,7 @@ def run(tmp_path_factory):
             out = work / "clean.pt"
             proc = subprocess.run([sys.executable, "-c", CLEAN, base_dir, adapter_dir, resaved_dir, plain_dir,
                                    str(work / "batch.pt"), str(out)], env=env, capture_output=True, text=True,
-                                  timeout=600)
+                                  timeout=600, cwd=work)  # not the repository root: see test_scenario.clean_run
             assert proc.returncode == 0, proc.stderr[-4000:]
             clean = torch.load(out, weights_only=True)
             logits = clean.pop("logits")

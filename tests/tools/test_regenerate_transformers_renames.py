@@ -38,6 +38,10 @@ def _build_checkpoint_conversion_mapping():
     mapping["extended"] = mapping["ViTModel"].copy() + [WeightRenaming(r"blocks\\.(\\d+)\\.", r"layer.\\1.")]
     mapping["extended"] += [WeightRenaming("^head", "^classifier")]
     mapping["built"] = [WeightRenaming(r.source_patterns[0], "y") for r in mapping["ViTModel"]]
+    mapping["grown"] = mapping["vit_like"].copy()
+    mapping["grown"].append(WeightRenaming(source_patterns="self_attn.q_proj", target_patterns="self_attn.q_gate_proj"))
+    mapping["grown"].extend([WeightRenaming("^lm", "^head"), PrefixChange(prefix_to_remove="x")])
+    mapping["grown"].append(make_one())
     if hasattr(torch, "anything"):
         mapping["ViTModel"] += [WeightRenaming("LayerNorm.gamma", "LayerNorm.weight")]
     for model_type, base_pattern in _MODEL_TO_CONVERSION_PATTERN.items():
@@ -61,6 +65,8 @@ def test_the_builder_is_replayed_on_rules():
     assert mapping["built"] == [{"opaque": "?"}]  # a comprehension: transforms that are there but not followed
     assert mapping["extended"][3] == {"src": [r"blocks\.(\d+)\."], "dst": r"layer.\1."}
     assert mapping["extended"][4] == {"src": [r"^head(?!\w)"], "dst": "classifier"}  # anchors drop from targets
+    assert mapping["grown"] == [*mapping["vit_like"], {"src": [r"self_attn.q_proj(?!\w)"], "dst": "self_attn.q_gate_proj"},
+                                {"src": [r"^lm(?!\w)"], "dst": "head"}, {"opaque": "PrefixChange"}, {"opaque": "make_one"}]
 
 
 def test_capturing_targets_and_alternatives_compile_as_transformers_does():
