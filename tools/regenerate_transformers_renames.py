@@ -229,18 +229,16 @@ class Builder:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
             self.assign(stmt.targets[0], stmt.value)
         elif isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add):
-            target = stmt.target
-            if isinstance(target, ast.Subscript) and self._is_mapping(target.value):
-                key, extra = self._key(target.slice), self.rules(stmt.value)
-                if key is not None and extra is not None:
-                    self.mapping[key] = self.mapping.get(key, []) + extra
-            elif isinstance(target, ast.Name) and target.id in self.local:
-                extra = self.rules(stmt.value)
-                if extra is not None:
-                    self.local[target.id] += extra
+            extra = self.rules(stmt.value)
+            if extra is not None:
+                self.add(stmt.target, extra)
         elif isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and \
                 isinstance(stmt.value.func, ast.Attribute) and stmt.value.func.attr in ("append", "extend"):
-            self.grow(stmt.value)
+            # `mapping[key].append(rule)` or `.extend(rules)` (transformers 5.25's minicpm5_moe): an argument we
+            # cannot follow stays visible as opaque
+            func, args = stmt.value.func, stmt.value.args
+            extra = (self.element(args[0]) if func.attr == "append" else self.rules(args[0])) if len(args) == 1 else None
+            self.add(func.value, extra or [{"opaque": "?"}])
         elif isinstance(stmt, ast.If):
             self.run(stmt.body)  # e.g. `if hasattr(torch..., "weight_norm")`: the branch a current torch takes
         elif isinstance(stmt, ast.For) and isinstance(stmt.iter, ast.Call) and _call_name(stmt.iter) == "items":
@@ -263,12 +261,8 @@ class Builder:
             if rules is not None:
                 self.local[target.id] = rules
 
-    def grow(self, call: ast.Call) -> None:
-        """`mapping[key].append(rule)` or `.extend(rules)` (transformers 5.25's minicpm5_moe), on the mapping or a
-        local list; an argument we cannot follow stays visible as opaque."""
-        owner, one = call.func.value, call.func.attr == "append"  # type: ignore[attr-defined]
-        extra = (self.element(call.args[0]) if one else self.rules(call.args[0])) if len(call.args) == 1 else None
-        extra = extra or [{"opaque": "?"}]
+    def add(self, owner: ast.AST, extra: list[Rule]) -> None:
+        """The list `owner` names (`mapping[key]` or a local) grows by `extra`."""
         if isinstance(owner, ast.Subscript) and self._is_mapping(owner.value):
             key = self._key(owner.slice)
             if key is not None:
