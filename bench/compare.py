@@ -8,7 +8,8 @@ checkpointing, Unsloth with its own. Liger runs when `liger_kernel` imports, Uns
 a base checkpoint written once under --base-dir). It prints a table with tokens/s, peak memory and ratios to
 HF+PEFT (each row's JSON has its MFU), and writes the JSON.
 `--longest` also finds, for 8B at batch 1 under a --memory-gib cap (80: an 80 GB card), the longest sequence
-each variant trains (doubling until it runs out of memory); `--skip-speed` runs the search alone, and
+each variant trains: from a start per variant (`LONGEST_START`), doubling while a step runs and up to
+`--longest-limit`, halving while it runs out of memory; `--skip-speed` runs the search alone, and
 `--longest-lengths 262144,400000` tries those lengths in turn instead (one step each, up to 590 s a process).
 
     python bench/compare.py --qlora [--sizes 8b] [--seq 2048] [--bs 2,4] [--longest] [--out bench/results/qlora.json]
@@ -122,24 +123,35 @@ def base(args: argparse.Namespace, size: str) -> Path:
     return path
 
 
-# Where each variant's doubling search starts (one step at each length; the sequence count is 1).
-LONGEST_START = {"hf": 8192, "liger": 32768, "ours": 65536, "unsloth": 32768,
+# Where each variant's search starts (one step at each length; the sequence count is 1): near what it reached on an
+# 80 GB budget before, since a step of 8B at 262,144 tokens takes minutes.
+LONGEST_START = {"hf": 16384, "liger": 32768, "ours": 262144, "unsloth": 32768,
                  "ours-bf16-offload": 131072}
+LONGEST_FLOOR = 1024  # a search going down stops here
 
 
 def longest(script: str, variant: str, limit: int, lengths: list[int] | None = None, **options) -> dict:
-    """The longest sequence `variant` trains at batch 1: of `lengths` in turn, or doubling from LONGEST_START
-    up to `limit`; one step each, stopping at the first failure."""
-    start = LONGEST_START.get(variant, 8192)
-    tries = lengths or [start << k for k in range(64) if start << k <= limit]
-    best = None
-    for seq in tries:
+    """The longest sequence `variant` trains at batch 1: of `lengths` in turn (stopping at the first failure), or
+    from LONGEST_START doubling up to `limit` while each step runs, halving while it fails."""
+    search = not lengths
+    tries = [min(LONGEST_START.get(variant, 8192), limit)] if search else list(lengths)
+    best, failure, error = None, None, None
+    while tries:
+        seq = tries.pop(0)
         result = run(script, timeout=LONGEST_TIMEOUT_S, variant=variant, seq=seq, bs=1, steps=1, warmup=0,
                      **options)
         if "error" in result:
-            return {"variant": variant, "longest": best, "first_failure": seq, "error": result["error"]}
-        best = result
-    return {"variant": variant, "longest": best, "first_failure": None}
+            failure, error = seq, result["error"]
+            if search and best is None and seq // 2 >= LONGEST_FLOOR:
+                tries.append(seq // 2)  # the start was too long: go down
+            else:
+                break
+        else:
+            best = result
+            if search and failure is None and seq * 2 <= limit:
+                tries.append(seq * 2)
+    return {"variant": variant, "longest": best, "first_failure": failure,
+            **({"error": error} if error is not None else {})}
 
 
 def longest_lengths(args: argparse.Namespace) -> list[int] | None:
@@ -303,7 +315,7 @@ def main() -> None:
     parser.add_argument("--bs", type=batch_sizes, default=[4],
                         help="comma-separated batch sizes, each a row per variant (--multigpu: one)")
     parser.add_argument("--longest", action="store_true")
-    parser.add_argument("--longest-limit", type=int, default=524288, help="stop the doubling search here")
+    parser.add_argument("--longest-limit", type=int, default=524288, help="the search doubles up to this length, no further")
     parser.add_argument("--longest-lengths", help="comma-separated lengths to try instead of doubling")
     parser.add_argument("--memory-gib", type=float, default=80.0, help="the --longest search's GPU memory cap")
     parser.add_argument("--skip-speed", action="store_true", help="only the --longest search (of every mode named)")

@@ -107,3 +107,42 @@ def test_every_mode_runs_each_batch_size_and_a_bad_list_is_a_usage_error(compare
     with pytest.raises(SystemExit) as stopped:
         compare.main()
     assert stopped.value.code == 2 and "comma-separated positive integers" in capsys.readouterr().err
+
+
+def lengths_answering(monkeypatch, compare, fits: int) -> list[int]:
+    """subprocess.run where a step of `fits` tokens or fewer trains and a longer one runs out of memory."""
+    tried = []
+
+    def run(cmd, **kwargs):
+        seq = int(cmd[cmd.index("--seq") + 1])
+        tried.append(seq)
+        if seq > fits:
+            return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="torch.OutOfMemoryError: CUDA out of memory")
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"seq": seq, "tok_s": 1}) + "\n", stderr="")
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    return tried
+
+
+def test_the_longest_search_doubles_from_its_start_while_steps_run(compare, monkeypatch):
+    tried = lengths_answering(monkeypatch, compare, fits=70000)
+    found = compare.longest("train_bench.py", "hf", 1 << 20)
+    assert tried == [16384, 32768, 65536, 131072]
+    assert found["longest"]["seq"] == 65536 and found["first_failure"] == 131072 and found["error"] == "out of memory"
+
+
+def test_the_longest_search_halves_from_a_start_that_does_not_fit(compare, monkeypatch):
+    tried = lengths_answering(monkeypatch, compare, fits=40000)
+    found = compare.longest("train_bench.py", "ours", 1 << 20)
+    assert tried == [262144, 131072, 65536, 32768]  # and no doubling after a failure
+    assert found["longest"]["seq"] == 32768 and found["first_failure"] == 65536
+
+
+def test_the_longest_search_stops_at_its_limit_and_at_its_floor(compare, monkeypatch):
+    tried = lengths_answering(monkeypatch, compare, fits=1 << 30)
+    found = compare.longest("train_bench.py", "ours", 262144)
+    assert tried == [262144] and found == {"variant": "ours", "longest": {"seq": 262144, "tok_s": 1},
+                                           "first_failure": None}
+    tried = lengths_answering(monkeypatch, compare, fits=100)
+    found = compare.longest("train_bench.py", "hf", 1 << 20)
+    assert tried == [16384, 8192, 4096, 2048, 1024] and found["longest"] is None and found["first_failure"] == 1024
