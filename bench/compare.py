@@ -125,7 +125,7 @@ def base(args: argparse.Namespace, size: str) -> Path:
 
 # Where each variant's search starts (one step at each length; the sequence count is 1): near what it reached on an
 # 80 GB budget before, since a step of 8B at 262,144 tokens takes minutes.
-LONGEST_START = {"hf": 16384, "liger": 32768, "ours": 262144, "unsloth": 32768,
+LONGEST_START = {"hf": 32768, "liger": 65536, "ours": 262144, "unsloth": 32768,
                  "ours-bf16-offload": 131072}
 LONGEST_FLOOR = 1024  # a search going down stops here
 

@@ -125,6 +125,7 @@ def lengths_answering(monkeypatch, compare, fits: int) -> list[int]:
 
 
 def test_the_longest_search_doubles_from_its_start_while_steps_run(compare, monkeypatch):
+    monkeypatch.setitem(compare.LONGEST_START, "hf", 16384)
     tried = lengths_answering(monkeypatch, compare, fits=70000)
     found = compare.longest("train_bench.py", "hf", 1 << 20)
     assert tried == [16384, 32768, 65536, 131072]
@@ -143,6 +144,7 @@ def test_the_longest_search_stops_at_its_limit_and_at_its_floor(compare, monkeyp
     found = compare.longest("train_bench.py", "ours", 262144)
     assert tried == [262144] and found == {"variant": "ours", "longest": {"seq": 262144, "tok_s": 1},
                                            "first_failure": None}
+    monkeypatch.setitem(compare.LONGEST_START, "hf", 16384)
     tried = lengths_answering(monkeypatch, compare, fits=100)
     found = compare.longest("train_bench.py", "hf", 1 << 20)
     assert tried == [16384, 8192, 4096, 2048, 1024] and found["longest"] is None and found["first_failure"] == 1024
