@@ -315,7 +315,8 @@ def main() -> None:
     parser.add_argument("--bs", type=batch_sizes, default=[4],
                         help="comma-separated batch sizes, each a row per variant (--multigpu: one)")
     parser.add_argument("--longest", action="store_true")
-    parser.add_argument("--longest-limit", type=int, default=524288, help="the search doubles up to this length, no further")
+    parser.add_argument("--longest-limit", type=int, default=524288,
+                        help="the search doubles up to this length, no further")
     parser.add_argument("--longest-lengths", help="comma-separated lengths to try instead of doubling")
     parser.add_argument("--memory-gib", type=float, default=80.0, help="the --longest search's GPU memory cap")
     parser.add_argument("--skip-speed", action="store_true", help="only the --longest search (of every mode named)")
