@@ -31,12 +31,14 @@ adapter rank 0 saved reloads in vanilla PEFT with identical logits.
 
 The modes combine: `--speed --packed --longest` runs the bf16 speed table, the realistic-length run and the
 long-context search in one launch, each variant still in its own process, and writes one report keyed by mode
-(`speed`, `packed`, `qlora`, `multigpu`); a single mode keeps its report's own shape.
+(`speed`, `packed`, `qlora`, `multigpu`); a single mode keeps its report's own shape. The searches run after
+every mode's rows: their steps take minutes each.
 
 `--profile` adds, to the rows of ours (speed and QLoRA runs), where a step's time goes. Every speed and QLoRA
-row says where its reserved GPU memory sits, by stream and pool (`reserved_by_pool`). Each row is also written
-to `<out>.partial.json` as its process ends, so a launch stopped part-way keeps what it finished; the file goes
-once the whole report is written.
+row says where its reserved GPU memory sits, by stream and pool (`reserved_by_pool`), and every row how long
+its process took, model build included (`process_s`). Each row is also written to `<out>.partial.json` as its
+process ends, so a launch stopped part-way keeps what it finished; the file goes once the whole report is
+written.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,16 +94,18 @@ ROWS = Rows()  # main() points it at <out>.partial.json
 def run(script: str, timeout: int = TIMEOUT_S, **options) -> dict:
     """One benchmark process; its last JSON line, or the options with an `error`."""
     cmd = [sys.executable, str(HERE / script), *flags(options)]
+    started = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ROWS.add({**options, "error": f"over {timeout} s"})
+    process_s = round(time.monotonic() - started, 1)  # model build included: what a launch's plan needs
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
         return ROWS.add({**options, "error": "out of memory" if oom else done.stderr.strip().splitlines()[-3:],
-                         "rc": done.returncode})
-    result = json.loads(lines[-1])
+                         "rc": done.returncode, "process_s": process_s})
+    result = {**json.loads(lines[-1]), "process_s": process_s}
     print(json.dumps(result), flush=True)  # each as it ends: a later one may not
     return ROWS.add(result)
 
@@ -124,8 +129,9 @@ def base(args: argparse.Namespace, size: str) -> Path:
 
 
 # Where each variant's search starts (one step at each length; the sequence count is 1): near what it reached on an
-# 80 GB budget before, since a step of 8B at 262,144 tokens takes minutes.
-LONGEST_START = {"hf": 32768, "liger": 65536, "ours": 262144, "unsloth": 32768,
+# 80 GB budget before, since a step of 8B at 262,144 tokens takes minutes. Unsloth: its own table gives 342,733
+# tokens for 8B in 4-bit on 80 GB; bf16 weights take 10 GB more, so it starts one step under the others' limit.
+LONGEST_START = {"hf": 32768, "liger": 65536, "ours": 262144, "unsloth": 131072,
                  "ours-bf16-offload": 131072}
 LONGEST_FLOOR = 1024  # a search going down stops here
 
@@ -187,40 +193,49 @@ def speed(args: argparse.Namespace) -> dict:
                     results.append(run("train_bench.py", size=size, variant=variant, seq=args.seq, bs=bs, gc=gc,
                                        checkpoint=checkpoint if variant == "unsloth" else None,
                                        profile=args.profile and variant == "ours", reserved=True))
-    report: dict = {"results": results}
-    if args.longest:  # every variant with checkpointing: without it, none gets far at batch 1
-        checkpoint = base(args, "8b") if installed("unsloth") else None
-        report["longest"] = [longest("train_bench.py", variant, args.longest_limit, longest_lengths(args), size="8b",
-                                     gc=True, memory_gib=args.memory_gib,
-                                     checkpoint=checkpoint if variant == "unsloth" else None)
-                             for variant, gc in speed_variants() if gc]
     hf = hf_rates(results, lambda r: (r.get("size"), r.get("bs")))
     print(table(results, lambda r: hf.get((r.get("size"), r.get("bs"))), ["size", "bs", "variant", "gc"]))
-    return report
+    return {"results": results}
 
 
-def qlora(args: argparse.Namespace) -> dict:
+def speed_longest(args: argparse.Namespace) -> list[dict]:
+    """bf16 8B at batch 1: every variant with checkpointing (without it, none gets far)."""
+    checkpoint = base(args, "8b") if installed("unsloth") else None
+    return [longest("train_bench.py", variant, args.longest_limit, longest_lengths(args), size="8b", gc=True,
+                    memory_gib=args.memory_gib, checkpoint=checkpoint if variant == "unsloth" else None)
+            for variant, gc in speed_variants() if gc]
+
+
+def qlora_variants(args: argparse.Namespace) -> list[str]:
     sys.path.insert(0, str(HERE))
     from qlora_bench import VARIANTS
 
-    size = args.sizes if "," not in args.sizes else "8b"
-    checkpoint = base(args, size)
-    chosen = args.qlora_variants.split(",") if args.qlora_variants else \
+    return args.qlora_variants.split(",") if args.qlora_variants else \
         [v for v in VARIANTS if (v != "liger" or installed("liger_kernel"))
          and (not v.startswith("unsloth") or installed("unsloth"))]
+
+
+def qlora_size(args: argparse.Namespace) -> str:
+    return args.sizes if "," not in args.sizes else "8b"
+
+
+def qlora(args: argparse.Namespace) -> dict:
+    checkpoint = base(args, qlora_size(args))
     results = [] if args.skip_speed else [
         run("qlora_bench.py", checkpoint=checkpoint, variant=variant, seq=args.seq, bs=bs,
             profile_memory=variant == "hf", profile=args.profile and variant.startswith("ours"),
             as_loaded=args.qlora_as_loaded, reserved=True)
-        for bs in args.bs for variant in chosen]
-    report: dict = {"results": results}
-    if args.longest:
-        report["longest"] = [longest("qlora_bench.py", variant, args.longest_limit, longest_lengths(args),
-                                     checkpoint=checkpoint, memory_gib=args.memory_gib)
-                             for variant in chosen if variant in ("hf", "unsloth", "ours-bf16-offload", "liger")]
+        for bs in args.bs for variant in qlora_variants(args)]
     hf = hf_rates(results, lambda r: r.get("bs"))
     print(table(results, lambda r: hf.get(r.get("bs")), ["variant", "bs", "layer_input"]))
-    return report
+    return {"results": results}
+
+
+def qlora_longest(args: argparse.Namespace) -> list[dict]:
+    checkpoint = base(args, qlora_size(args))
+    return [longest("qlora_bench.py", variant, args.longest_limit, longest_lengths(args), checkpoint=checkpoint,
+                    memory_gib=args.memory_gib)
+            for variant in qlora_variants(args) if variant in ("hf", "unsloth", "ours-bf16-offload", "liger")]
 
 
 def packed(args: argparse.Namespace) -> dict:
@@ -306,6 +321,9 @@ def batch_sizes(text: str) -> list[int]:
 
 
 MODES = {"speed": speed, "packed": packed, "qlora": qlora, "multigpu": multigpu}  # the order a launch runs them in
+# --longest's searches run after every mode's rows: their steps take minutes, so a launch cut short by a time limit
+# loses a search's last step rather than a table.
+SEARCHES = {"speed": speed_longest, "qlora": qlora_longest}
 
 
 def main() -> None:
@@ -339,6 +357,9 @@ def main() -> None:
     ROWS = Rows(args.out.with_name(args.out.stem + ".partial.json"))
     modes = {name: mode for name, mode in MODES.items() if getattr(args, name)} or {"speed": speed}
     reports = {name: mode(args) for name, mode in modes.items()}
+    for name in reports if args.longest else ():
+        if name in SEARCHES:
+            reports[name]["longest"] = SEARCHES[name](args)
     # One mode keeps its report's own shape; several are keyed by mode.
     report = next(iter(reports.values())) if len(reports) == 1 else reports
     args.out.write_text(json.dumps(report, indent=1, default=str))  # paths in the options of failed rows
