@@ -12,6 +12,17 @@ from pathlib import Path
 import pytest
 
 
+def _leave_the_repository_root_off_the_path() -> None:
+    # `python -m pytest` puts the working directory first on sys.path. From the repository root, our top-level
+    # kernels/ folder would then shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports;
+    # the package itself imports as `adapter_doctor`, from the install, so the root is never needed here.
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+_leave_the_repository_root_off_the_path()
+
+
 def _interpret_triton_without_a_gpu() -> None:
     # triton.jit reads TRITON_INTERPRET when a function is defined (triton.language's own helpers too), so it
     # is set here, before any test module imports triton, torch or transformers.

@@ -43,3 +43,23 @@ def test_no_top_level_module_of_ours_is_importable(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.util.find_spec("adapter_doctor") is not None
+
+
+def ours_on_the_path() -> list[str]:
+    """The repository's top-level folders that an import by their bare names would find."""
+    return [name for name in ("kernels", "runtime", "fixers", "doctor")
+            if (spec := importlib.util.find_spec(name)) and spec.origin
+            and spec.origin.startswith(str(ROOT / name) + "/")]
+
+
+def test_tests_see_none_of_our_folders_by_their_bare_names():
+    assert ours_on_the_path() == []
+
+
+def test_python_dash_m_pytest_from_the_root_leaves_the_root_off_the_path():
+    # `python -m` puts the working directory first on sys.path; conftest takes it off again, or our kernels/
+    # folder would stand in for Hugging Face's `kernels`, which transformers >= 5.25 imports.
+    test = f"{__file__}::test_tests_see_none_of_our_folders_by_their_bare_names"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--no-cov", test], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
