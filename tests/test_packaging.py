@@ -45,15 +45,10 @@ def test_no_top_level_module_of_ours_is_importable(tmp_path):
     assert importlib.util.find_spec("adapter_doctor") is not None
 
 
-def ours_on_the_path() -> list[str]:
-    """The repository's top-level folders that an import by their bare names would find."""
-    return [name for name in ("kernels", "runtime", "fixers", "doctor")
-            if (spec := importlib.util.find_spec(name)) and spec.origin
-            and spec.origin.startswith(str(ROOT / name) + "/")]
-
-
 def test_tests_see_none_of_our_folders_by_their_bare_names():
-    assert ours_on_the_path() == []
+    assert [name for name in ("kernels", "runtime", "fixers", "doctor")
+            if (spec := importlib.util.find_spec(name)) and spec.origin
+            and spec.origin.startswith(str(ROOT / name) + "/")] == []
 
 
 def test_python_dash_m_pytest_from_the_root_leaves_the_root_off_the_path():
