@@ -215,12 +215,13 @@ def qlora_variants(args: argparse.Namespace) -> list[str]:
          and (not v.startswith("unsloth") or installed("unsloth"))]
 
 
-def qlora_size(args: argparse.Namespace) -> str:
+def one_size(args: argparse.Namespace) -> str:
+    """The size of a mode that runs one (QLoRA, packed, multi-GPU): --sizes when it names one, else 8B."""
     return args.sizes if "," not in args.sizes else "8b"
 
 
 def qlora(args: argparse.Namespace) -> dict:
-    checkpoint = base(args, qlora_size(args))
+    checkpoint = base(args, one_size(args))
     results = [] if args.skip_speed else [
         run("qlora_bench.py", checkpoint=checkpoint, variant=variant, seq=args.seq, bs=bs,
             profile_memory=variant == "hf", profile=args.profile and variant.startswith("ours"),
@@ -232,14 +233,14 @@ def qlora(args: argparse.Namespace) -> dict:
 
 
 def qlora_longest(args: argparse.Namespace) -> list[dict]:
-    checkpoint = base(args, qlora_size(args))
+    checkpoint = base(args, one_size(args))
     return [longest("qlora_bench.py", variant, args.longest_limit, longest_lengths(args), checkpoint=checkpoint,
                     memory_gib=args.memory_gib)
             for variant in qlora_variants(args) if variant in ("hf", "unsloth", "ours-bf16-offload", "liger")]
 
 
 def packed(args: argparse.Namespace) -> dict:
-    size = args.sizes if "," not in args.sizes else "8b"
+    size = one_size(args)
     checkpoint = base(args, size) if installed("unsloth") else None
     rows = [("hf", "padded", True), ("ours", "padded", False), ("ours", "packed", False), ("ours", "packed", True)]
     if installed("liger_kernel"):
@@ -275,7 +276,7 @@ def launch(gpus: int, out: Path, **options) -> dict:
 
 
 def multigpu(args: argparse.Namespace) -> dict:
-    size, gpus, (bs,) = (args.sizes if "," not in args.sizes else "8b"), args.multigpu, args.bs
+    size, gpus, (bs,) = one_size(args), args.multigpu, args.bs
     rows = [r for r in MULTIGPU_ROWS if r[1] != "liger" or installed("liger_kernel")]
     if args.multigpu_rows:  # e.g. "ddp-hf-on,fsdp2-ours-off": a subset, for launches that must fit a time limit
         chosen = set(args.multigpu_rows.split(","))
@@ -357,9 +358,10 @@ def main() -> None:
     ROWS = Rows(args.out.with_name(args.out.stem + ".partial.json"))
     modes = {name: mode for name, mode in MODES.items() if getattr(args, name)} or {"speed": speed}
     reports = {name: mode(args) for name, mode in modes.items()}
-    for name in reports if args.longest else ():
-        if name in SEARCHES:
-            reports[name]["longest"] = SEARCHES[name](args)
+    if args.longest:
+        for name, search in SEARCHES.items():
+            if name in reports:
+                reports[name]["longest"] = search(args)
     # One mode keeps its report's own shape; several are keyed by mode.
     report = next(iter(reports.values())) if len(reports) == 1 else reports
     args.out.write_text(json.dumps(report, indent=1, default=str))  # paths in the options of failed rows
