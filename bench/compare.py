@@ -207,7 +207,8 @@ def speed_longest(args: argparse.Namespace) -> list[dict]:
 
 
 def qlora_variants(args: argparse.Namespace) -> list[str]:
-    sys.path.insert(0, str(HERE))
+    if str(HERE) not in sys.path:  # asked by the rows and again by the search
+        sys.path.insert(0, str(HERE))
     from qlora_bench import VARIANTS
 
     return args.qlora_variants.split(",") if args.qlora_variants else \

@@ -6,6 +6,8 @@ import zipfile
 
 from conftest import ROOT
 
+FOLDERS = ("kernels", "runtime", "fixers", "doctor")  # the repository's folders, never importable by these names
+
 
 def test_wheel_has_one_top_level_package(tmp_path):
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
@@ -37,16 +39,17 @@ def test_no_top_level_module_of_ours_is_importable(tmp_path):
     # name from elsewhere (transformers 5.25 installs a `kernels` package, into a virtualenv that may sit inside
     # the repository) is not ours: only the repository's own folders count.
     code = ("import importlib.util, os, sys; "
-            "print([n for n in ('kernels', 'runtime', 'fixers', 'doctor') "
+            "print([n for n in sys.argv[2:] "
             "if (s := importlib.util.find_spec(n)) and s.origin "
             "and s.origin.startswith(os.path.join(sys.argv[1], n, ''))])")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), *FOLDERS], cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.util.find_spec("adapter_doctor") is not None
 
 
 def test_tests_see_none_of_our_folders_by_their_bare_names():
-    assert [name for name in ("kernels", "runtime", "fixers", "doctor")
+    assert [name for name in FOLDERS
             if (spec := importlib.util.find_spec(name)) and spec.origin
             and spec.origin.startswith(str(ROOT / name) + "/")] == []
 
